@@ -1,0 +1,46 @@
+"""glmm_jax: generalized linear mixed models by maximum likelihood, lme4-style, on JAX.
+
+>>> import glmm_jax as gj
+>>> m = gj.glmer("success ~ schavg + (1 | school)", gj.datasets.load_exam(), family="binomial")
+>>> print(m.summary())  # doctest: +SKIP
+"""
+
+from . import datasets
+from ._config import enable_compilation_cache
+from .design import DataError, build_design
+from .families import Binomial, Family, Poisson, binomial, get_family, poisson
+from .fit import fit_design, glmer
+from .formula import FormulaError, FormulaSpec, parse_formula
+from .links import Link, get_link
+from .optimize import Control, FitOutput, Status, fit_arrays
+from .results import ConvergenceWarning, FitInfo, GLMMResult, SingularFitWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "glmer",
+    "fit_design",
+    "fit_arrays",
+    "build_design",
+    "parse_formula",
+    "FormulaSpec",
+    "FormulaError",
+    "DataError",
+    "Family",
+    "Binomial",
+    "Poisson",
+    "binomial",
+    "poisson",
+    "get_family",
+    "Link",
+    "get_link",
+    "Control",
+    "FitOutput",
+    "Status",
+    "GLMMResult",
+    "FitInfo",
+    "ConvergenceWarning",
+    "SingularFitWarning",
+    "enable_compilation_cache",
+    "datasets",
+]

@@ -1,0 +1,88 @@
+"""Process-level settings: 64-bit precision scoped to our calls, the persistent compile cache.
+
+We never flip the user's global ``jax_enable_x64``: every public entry point runs its JAX work
+inside :func:`precision`, a context that turns 64-bit types on for that call only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+__all__ = ["precision", "resolve_dtype", "enable_compilation_cache", "default_cache_dir"]
+
+_CACHE_STATE = {"configured": False}
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """``"float64"`` (default) or ``"float32"`` as a numpy dtype; anything else raises."""
+    dt = np.dtype(dtype)
+    if dt not in (np.float64, np.float32):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    return dt
+
+
+@contextlib.contextmanager
+def precision(dtype=np.float64):
+    """Run the enclosed JAX work with 64-bit types enabled (needed for float64 fits).
+
+    float32 fits run with 64-bit types enabled too: the arrays are float32, so the arithmetic
+    is float32, and integer codes keep their width.
+    """
+    enable_compilation_cache()
+    with jax.enable_x64(True):
+        yield
+
+
+def default_cache_dir() -> Path:
+    """``$GLMM_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/glmm_jax``, else ``~/.cache/glmm_jax``."""
+    env = os.environ.get("GLMM_JAX_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "glmm_jax"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None, *, force: bool = False) -> Path | None:
+    """Turn on JAX's persistent compilation cache so compiled fits survive the process.
+
+    Called automatically before the first fit. It leaves alone a cache directory the user
+    configured for JAX themselves; ``GLMM_JAX_CACHE_DIR=off`` (or ``none``) disables it.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        Cache directory; default :func:`default_cache_dir`.
+    force : bool
+        Configure again even if already configured.
+
+    Returns
+    -------
+    Path or None
+        The directory in use, or ``None`` when disabled.
+    """
+    if _CACHE_STATE["configured"] and not force:
+        return _CACHE_STATE.get("path")
+    _CACHE_STATE["configured"] = True
+    if os.environ.get("GLMM_JAX_CACHE_DIR", "").lower() in ("off", "none", "0"):
+        _CACHE_STATE["path"] = None
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current and path is None:
+        _CACHE_STATE["path"] = Path(current)
+        return Path(current)
+    target = Path(path) if path is not None else default_cache_dir()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        _CACHE_STATE["path"] = None
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(target))
+    # Only programs worth caching: a fit compiles for seconds, the small eager ops for far less.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    _CACHE_STATE["path"] = target
+    return target

@@ -1,0 +1,385 @@
+"""DataFrame + formula -> the arrays of a model, and what ``predict`` needs for new data.
+
+This module and ``results.py`` are the only places that touch pandas and formulaic. The arrays
+handed to the compiled fit are
+
+* sorted by grouping level (segment sums then walk memory in order),
+* padded to bucketed sizes (rows with weight 0, levels with no rows), so datasets of the same
+  model structure and similar size share one compiled program,
+* preconditioned: ``X`` is replaced by ``X M`` with orthonormal-like columns (``M`` from a
+  pivoted QR), so the optimiser sees a well-scaled problem whatever the units of the
+  predictors; estimates are mapped back with ``beta = M gamma``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import formulaic
+import numpy as np
+import pandas as pd
+import scipy.linalg
+
+from .families import Binomial, Family
+from .formula import FormulaSpec, parse_formula
+from .laplace import ModelArrays
+from .structure import ReStructure, Term
+
+__all__ = ["Design", "build_design", "bucket", "DataError"]
+
+
+class DataError(ValueError):
+    """The data cannot be used with the model; the message names the column or problem."""
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest size ``>= n`` of the form ``2^k * {1, 1.25, 1.5, 1.75}`` (at most 25% padding)."""
+    size = minimum
+    while size < n:
+        k = size.bit_length() - 1
+        base = 1 << k
+        steps = [base + base // 4 * j for j in range(1, 5)]
+        size = next(s for s in steps if s > size)
+    return size
+
+
+def _lme4_name(name: str) -> str:
+    return "(Intercept)" if name == "Intercept" else name
+
+
+def _required_variables(spec: FormulaSpec) -> list[str]:
+    exprs = [spec.fixed, *spec.offsets, *spec.response.exprs]
+    exprs += [t.expr for t in spec.random]
+    names: list[str] = []
+    for expr in exprs:
+        try:
+            found = formulaic.Formula(f"0 + {expr}" if expr not in ("1", "0") else expr)
+            names += sorted(found.required_variables)
+        except Exception as exc:  # formulaic's parse errors
+            raise ValueError(f"cannot parse {expr!r} in formula {spec.formula!r}: {exc}") from None
+    for term in spec.random:
+        names += list(term.group)
+    return list(dict.fromkeys(names))
+
+
+def _evaluate(expr: str, data: pd.DataFrame, what: str) -> np.ndarray:
+    """A numeric vector from a column name or an expression on the columns."""
+    name = expr[1:-1] if expr.startswith("`") and expr.endswith("`") else expr
+    if name in data.columns:
+        col = data[name]
+    else:
+        try:
+            mm = formulaic.model_matrix(f"0 + I({expr})", data, na_action="ignore")
+        except Exception as exc:
+            raise DataError(f"cannot evaluate {what} {expr!r}: {exc}") from None
+        if mm.shape[1] != 1:
+            raise DataError(f"{what} {expr!r} must be numeric, not categorical")
+        col = mm.iloc[:, 0]
+    if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
+        raise DataError(f"{what} {expr!r} must be numeric, got {col.dtype} values")
+    return np.asarray(col, dtype=float)
+
+
+def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, pd.Index]:
+    """Integer codes and level labels of a grouping factor (an interaction if several columns).
+
+    Levels keep a Categorical's order (else sorted, as R's ``factor``); unused levels are dropped.
+    """
+    cats = []
+    for col in group:
+        s = data[col]
+        c = s.cat.remove_unused_categories() if isinstance(s.dtype, pd.CategoricalDtype) else pd.Categorical(s)
+        cats.append(pd.Categorical(c))
+    if len(cats) == 1:
+        codes = np.asarray(cats[0].codes, dtype=np.int64)
+        labels = pd.Index(cats[0].categories, name=group[0])
+    else:
+        # Interaction a:b: codes in the order of (a, b), labels "a:b" as lme4 writes them.
+        combined = np.zeros(len(data), dtype=np.int64)
+        for c in cats:
+            combined = combined * len(c.categories) + np.asarray(c.codes)
+        used, codes = np.unique(combined, return_inverse=True)
+        parts = []
+        rem = used.copy()
+        for c in reversed(cats):
+            parts.append(np.asarray(c.categories)[rem % len(c.categories)].astype(str))
+            rem //= len(c.categories)
+        labels = pd.Index([":".join(p) for p in zip(*reversed(parts))], name=":".join(group))
+    return codes, labels
+
+
+@dataclasses.dataclass
+class Design:
+    """A model's arrays and the metadata to interpret them.
+
+    Attributes
+    ----------
+    spec : FormulaSpec
+    family : Family
+    structure : ReStructure
+    arrays : ModelArrays
+        Padded, sorted numpy arrays for the compiled fit.
+    nobs : int
+        Observations used (after dropping incomplete rows).
+    fixef_names : list of str
+    M : (p, p) array
+        ``beta = M gamma`` maps preconditioned coefficients back to the user's columns.
+    levels : dict
+        Grouping factor -> level labels (``pd.Index``).
+    order : (nobs,) array
+        Position in the used rows of each sorted row.
+    index : pd.Index
+        Index labels of the used rows of the caller's DataFrame.
+    y_mean : (nobs,) array
+        Response on the mean's scale (a proportion for the binomial), in data order.
+    fixed_spec, random_specs
+        formulaic model specs to rebuild the matrices for new data.
+    """
+
+    spec: FormulaSpec
+    family: Family
+    structure: ReStructure
+    arrays: ModelArrays
+    nobs: int
+    fixef_names: list[str]
+    M: np.ndarray
+    levels: dict[str, pd.Index]
+    order: np.ndarray
+    index: pd.Index
+    y_mean: np.ndarray
+    trials: np.ndarray
+    prior_weights: np.ndarray
+    offset: np.ndarray
+    fixed_spec: object
+    random_specs: list
+    dropped_columns: list[str]
+
+    @property
+    def p(self) -> int:
+        return len(self.fixef_names)
+
+
+def _check_columns(data: pd.DataFrame, names: list[str], formula: str) -> None:
+    missing = [n for n in names if n not in data.columns]
+    if missing:
+        listed = ", ".join(repr(m) for m in missing)
+        raise DataError(
+            f"column{'s' if len(missing) > 1 else ''} {listed} in formula {formula!r} not found "
+            f"in data; available columns: {', '.join(map(str, data.columns))}"
+        )
+
+
+def _vector_arg(value, data: pd.DataFrame, name: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in data.columns:
+            raise DataError(f"{name} column {value!r} not found in data")
+        value = data[value]
+    arr = np.asarray(value, dtype=float).reshape(-1)
+    if arr.shape[0] != len(data):
+        raise DataError(f"{name} has length {arr.shape[0]} but data has {len(data)} rows")
+    return arr
+
+
+def _fixed_matrix(spec: FormulaSpec, data: pd.DataFrame):
+    mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
+    names = [_lme4_name(c) for c in mm.columns]
+    return np.asarray(mm, dtype=float), names, mm.model_spec
+
+
+def _drop_aliased(X: np.ndarray, names: list[str]):
+    """Drop columns that are linear combinations of earlier ones, with a warning (lme4 does)."""
+    if X.shape[1] == 0:
+        return X, names, []
+    _, R, piv = scipy.linalg.qr(X, mode="economic", pivoting=True)
+    d = np.abs(np.diag(R))
+    tol = d.max() * max(X.shape) * np.finfo(float).eps * 100 if d.size else 0
+    rank = int(np.sum(d > tol))
+    if rank == X.shape[1]:
+        return X, names, []
+    keep = np.sort(piv[:rank])
+    dropped = [names[j] for j in range(X.shape[1]) if j not in set(keep)]
+    warnings.warn(
+        f"fixed-effect model matrix is rank deficient: dropping {len(dropped)} column(s): "
+        f"{', '.join(dropped)}",
+        stacklevel=4,
+    )
+    return X[:, keep], [names[j] for j in keep], dropped
+
+
+def _preconditioner(X: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``M`` such that ``X M`` has orthogonal columns of unit root-mean-square."""
+    n = max(float(np.sum(weights > 0)), 1.0)
+    _, R = np.linalg.qr(X[weights > 0] if np.any(weights > 0) else X)
+    # A zero diagonal would mean an aliased column, already removed; guard the sign anyway.
+    return scipy.linalg.solve_triangular(R, np.eye(R.shape[0])) * np.sqrt(n)
+
+
+def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
+    """``(y counts, trials, prior weights, y on the mean scale)`` for the family."""
+    r = spec.response
+    if r.kind == "cbind":
+        if not isinstance(family, Binomial):
+            raise DataError(f"cbind() responses are only for the binomial family, not {family.name}")
+        s = _evaluate(r.exprs[0], data, "cbind() successes")
+        f = _evaluate(r.exprs[1], data, "cbind() failures")
+        trials = s + f
+        w = np.ones_like(s) if weights is None else weights
+        ymean = np.divide(s, trials, out=np.zeros_like(s), where=trials > 0)
+        return s, trials, w, ymean
+    expr = r.exprs[0]
+    name = expr[1:-1] if expr.startswith("`") and expr.endswith("`") else expr
+    if isinstance(family, Binomial) and name in data.columns and (
+        isinstance(data[name].dtype, pd.CategoricalDtype) or data[name].dtype in (object, bool)
+    ):
+        # A two-level factor response: the first level is failure, as in R.
+        col = pd.Categorical(data[name])
+        if len(col.categories) != 2:
+            raise DataError(
+                f"binomial response {name!r} must be 0/1, proportions, or a two-level factor; "
+                f"it has {len(col.categories)} levels"
+            )
+        v = (np.asarray(col.codes) == 1).astype(float)
+    else:
+        v = _evaluate(expr, data, "response")
+    if isinstance(family, Binomial):
+        if weights is None:
+            if np.any((v < 0) | (v > 1)):
+                raise DataError(
+                    f"binomial response {expr!r} must lie in [0, 1] (0/1 or proportions with "
+                    "weights=trials), or use cbind(successes, failures)"
+                )
+            trials = np.ones_like(v)
+        else:
+            trials = weights
+        counts = v * trials
+        if np.any(np.abs(counts - np.round(counts)) > 1e-7):
+            warnings.warn("non-integer number of successes in a binomial GLMM", stacklevel=4)
+        return counts, trials, np.ones_like(v), v
+    w = np.ones_like(v) if weights is None else weights
+    return v, np.ones_like(v), w, v
+
+
+def build_design(
+    formula: str | FormulaSpec,
+    data: pd.DataFrame,
+    family: Family,
+    weights=None,
+    offset=None,
+    dtype=np.float64,
+) -> Design:
+    """Evaluate ``formula`` on ``data`` and return the :class:`Design` of the model.
+
+    Rows with a missing value in any column the model uses (or in ``weights``/``offset``)
+    are dropped with a warning that counts them. ``data`` itself is never modified.
+
+    Raises
+    ------
+    DataError
+        Missing columns, non-numeric or out-of-range responses, bad weights.
+    NotImplementedError
+        Random terms on more than one grouping factor (not yet supported).
+    """
+    spec = formula if isinstance(formula, FormulaSpec) else parse_formula(formula)
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    if not spec.random:
+        raise ValueError(
+            f"formula {spec.formula!r} has no random-effects term such as (1 | group); "
+            "for a model without random effects use a GLM"
+        )
+    factors = spec.grouping_factors
+    if len(factors) > 1:
+        raise NotImplementedError(
+            f"random terms on several grouping factors ({', '.join(factors)}) are not supported "
+            "yet; this version fits models whose random terms share one grouping factor"
+        )
+    used = _required_variables(spec)
+    _check_columns(data, used, spec.formula)
+    w_all = _vector_arg(weights, data, "weights")
+    off_all = _vector_arg(offset, data, "offset")
+
+    complete = np.array(data[used].notna().all(axis=1), dtype=bool)
+    for vec in (w_all, off_all):
+        if vec is not None:
+            complete &= np.isfinite(vec)
+    n_dropped = int(np.sum(~complete))
+    if n_dropped:
+        warnings.warn(
+            f"dropped {n_dropped} of {len(data)} rows with missing values in the model's columns",
+            stacklevel=3,
+        )
+    df = data.loc[complete, used] if n_dropped else data[used]
+    if len(df) == 0:
+        raise DataError("no complete rows left to fit the model")
+    w = None if w_all is None else w_all[complete]
+    if w is not None and np.any(w < 0):
+        raise DataError("weights must be non-negative")
+
+    y, trials, prior_w, ymean = _response(spec, family, df, w)
+
+    X, names, fixed_spec = _fixed_matrix(spec, df)
+    X, names, dropped = _drop_aliased(X, names)
+
+    off = np.zeros(len(df)) if off_all is None else off_all[complete].copy()
+    for expr in spec.offsets:
+        off = off + _evaluate(expr, df, "offset")
+
+    codes, labels = _factor_codes(df, spec.random[0].group)
+    factor = spec.random[0].group_name
+    terms, Z_cols, random_specs = [], [], []
+    for rt in spec.random:
+        mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
+        cols = [_lme4_name(c) for c in mm.columns]
+        random_specs.append(mm.model_spec)
+        Zt = np.asarray(mm, dtype=float)
+        if rt.correlated:
+            terms.append(Term(factor, tuple(cols)))
+        else:
+            terms.extend(Term(factor, (c,)) for c in cols)
+        Z_cols.append(Zt)
+    Z = np.concatenate(Z_cols, axis=1)
+    structure = ReStructure(tuple(terms))
+
+    M = _preconditioner(X, prior_w * (trials > 0))
+    n, G = len(df), len(labels)
+    order = np.argsort(codes, kind="stable")
+    n_pad, G_pad = bucket(n, 64), bucket(G, 16)
+
+    def pad(a, fill=0.0):
+        a = a[order]
+        width = [(0, n_pad - n)] + [(0, 0)] * (a.ndim - 1)
+        return np.pad(a, width, constant_values=fill).astype(dtype)
+
+    arrays = ModelArrays(
+        X=pad(X @ M),
+        y=pad(y),
+        trials=pad(trials, 1.0),
+        weights=pad(prior_w),
+        offset=pad(off),
+        Z=pad(Z),
+        group=np.pad(codes[order], (0, n_pad - n), constant_values=G - 1).astype(np.int32),
+        level_mask=np.pad(np.ones(G), (0, G_pad - G)).astype(dtype),
+    )
+    return Design(
+        spec=spec,
+        family=family,
+        structure=structure,
+        arrays=arrays,
+        nobs=n,
+        fixef_names=names,
+        M=M,
+        levels={factor: labels},
+        order=order,
+        index=df.index,
+        y_mean=ymean,
+        trials=trials,
+        prior_weights=prior_w,
+        offset=off,
+        fixed_spec=fixed_spec,
+        random_specs=random_specs,
+        dropped_columns=dropped,
+    )
+

@@ -1,0 +1,522 @@
+"""The fitted model: lme4's vocabulary (fixef, ranef, varcorr, vcov, summary) on numpy/pandas.
+
+Everything here is computed from the compiled fit's outputs, copied to numpy once, so a result
+pickles, prints and predicts without holding device memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from .design import Design, DataError, _evaluate, _lme4_name
+from .families import Binomial
+from .optimize import FitOutput, Status
+
+__all__ = ["GLMMResult", "FitInfo", "ConvergenceWarning", "SingularFitWarning"]
+
+
+class ConvergenceWarning(UserWarning):
+    """The optimiser stopped without meeting its convergence criteria."""
+
+
+class SingularFitWarning(UserWarning):
+    """A variance component is estimated as zero (lme4's "boundary (singular) fit")."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FitInfo:
+    """How the optimisation went.
+
+    Attributes
+    ----------
+    converged : bool
+    status : str
+        ``"converged"``, ``"iteration limit"``, ``"line search failed"`` or ``"non-finite"``.
+    lbfgs_iterations, newton_iterations : int
+    evaluations : int
+        Laplace deviance evaluations, each with its inner conditional-mode solve.
+    gradient_norm : float
+        Largest absolute entry of the deviance gradient at the optimum (free parameters).
+    seconds : float
+        Wall time of the fit, compilation included if it compiled.
+    """
+
+    converged: bool
+    status: str
+    lbfgs_iterations: int
+    newton_iterations: int
+    evaluations: int
+    gradient_norm: float
+    seconds: float
+
+
+def _signif_stars(p: float) -> str:
+    if not np.isfinite(p):
+        return ""
+    for cut, star in ((0.001, "***"), (0.01, "**"), (0.05, "*"), (0.1, ".")):
+        if p < cut:
+            return star
+    return ""
+
+
+def _format_table(df: pd.DataFrame, index=True) -> str:
+    return df.to_string(index=index)
+
+
+class GLMMResult:
+    """A fitted generalized linear mixed model (lme4's ``glmerMod``).
+
+    Created by :func:`glmm_jax.glmer`; not meant to be built by hand.
+
+    Attributes
+    ----------
+    formula : str
+    family : Family
+    nobs : int
+    ngroups : dict
+        Grouping factor -> number of levels.
+    fixef : pandas.Series
+        Fixed-effect estimates.
+    vcov : pandas.DataFrame
+        Covariance of the fixed effects, from the exact Hessian of the Laplace deviance over all
+        parameters (lme4's default ``use.hessian = TRUE``).
+    se : pandas.Series
+        Standard errors of the fixed effects.
+    theta : numpy.ndarray
+        lme4's relative covariance factor parameters.
+    varcorr : pandas.DataFrame
+        Columns grp, var1, var2, vcov, sdcor like ``as.data.frame(VarCorr(m))``.
+    ranef : dict
+        Grouping factor -> DataFrame of conditional modes (levels x terms).
+    ranef_sd : dict
+        Grouping factor -> DataFrame of conditional standard deviations.
+    loglik, deviance, aic, bic : float
+        ``deviance`` is ``-2 loglik`` as in lme4's summary table.
+    df_resid : int
+    singular, converged : bool
+    fit_info : FitInfo
+    """
+
+    def __init__(self, design: Design, out: FitOutput, seconds: float, control, data_name: str = "data"):
+        out = FitOutput(*(np.asarray(a) for a in out))
+        self._design = design
+        self._out = out
+        self._control = control
+        self.formula = design.spec.formula
+        self.family = design.family
+        self.data_name = data_name
+        structure = design.structure
+        p = design.p
+        self.nobs = design.nobs
+        self.ngroups = {f: len(lv) for f, lv in design.levels.items()}
+
+        x = out.x
+        gamma, phi = x[:p], x[p:]
+        mask = out.mask
+        self.theta = np.asarray(structure.theta_from_phi(phi, mask))
+        self.fixef = pd.Series(design.M @ gamma, index=design.fixef_names, name="Estimate")
+
+        free = np.concatenate([np.ones(p, bool), mask > 0])
+        H = out.hessian[np.ix_(free, free)]
+        # The deviance is -2 log L, so the observed information is half its Hessian.
+        try:
+            cov_x = np.linalg.inv(0.5 * H)
+            if not np.all(np.linalg.eigvalsh(0.5 * (H + H.T)) > 0):
+                raise np.linalg.LinAlgError
+        except np.linalg.LinAlgError:
+            cov_x = np.full_like(H, np.nan)
+        cov_beta = design.M @ cov_x[:p, :p] @ design.M.T
+        names = design.fixef_names
+        self.vcov = pd.DataFrame(cov_beta, index=names, columns=names)
+        self.se = pd.Series(np.sqrt(np.diag(cov_beta)), index=names, name="Std. Error")
+
+        self.deviance = float(out.deviance)
+        self.loglik = -0.5 * self.deviance
+        self.df = p + structure.n_theta
+        self.aic = self.deviance + 2 * self.df
+        self.bic = self.deviance + self.df * math.log(self.nobs)
+        self.df_resid = self.nobs - self.df
+
+        diag = structure.diagonal
+        self.singular = bool(np.any(self.theta[diag] < control.singular_tol))
+        status = int(out.status)
+        self.converged = status == Status.CONVERGED
+        g = out.grad[free]
+        self.fit_info = FitInfo(
+            converged=self.converged,
+            status=Status.names.get(status, str(status)),
+            lbfgs_iterations=int(out.lbfgs_iterations),
+            newton_iterations=int(out.newton_iterations),
+            evaluations=int(out.evaluations),
+            gradient_norm=float(np.max(np.abs(g))) if g.size else 0.0,
+            seconds=seconds,
+        )
+        self._ranef_and_varcorr()
+
+    # ---------------------------------------------------------------- random effects
+    def _blocks(self):
+        return [np.asarray(T) for T in self._design.structure.lambda_blocks(self.theta)]
+
+    def _ranef_and_varcorr(self):
+        d = self._design
+        structure = d.structure
+        (T,) = self._blocks()
+        (factor,) = structure.factors
+        levels = d.levels[factor]
+        G = len(levels)
+        u = self._out.u[:G]
+        b = u @ T.T
+        cols = list(structure.factor_names(factor))
+        self.ranef = {factor: pd.DataFrame(b, index=levels, columns=cols)}
+        self._condvar = {factor: self._conditional_variances()[:G]}
+        sd = np.sqrt(np.maximum(np.diagonal(self._condvar[factor], axis1=1, axis2=2), 0.0))
+        self.ranef_sd = {factor: pd.DataFrame(sd, index=levels, columns=cols)}
+
+        rows = []
+        offset = 0
+        for term in structure.factor_terms(factor):
+            q = term.q
+            Tt = T[offset : offset + q, offset : offset + q]
+            S = Tt @ Tt.T
+            sds = np.sqrt(np.diag(S))
+            for i in range(q):
+                rows.append((term.group, term.names[i], None, S[i, i], sds[i]))
+            for j in range(q):
+                for i in range(j + 1, q):
+                    corr = S[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
+                    rows.append((term.group, term.names[j], term.names[i], S[i, j], corr))
+            offset += q
+        self.varcorr = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+    def _conditional_variances(self):
+        import jax
+
+        from ._config import precision
+        from .laplace import conditional_variances
+
+        d = self._design
+        with precision():
+            arrays = jax.tree_util.tree_map(jax.numpy.asarray, d.arrays)
+            V = conditional_variances(
+                self._out.x, self._out.u, arrays, self._out.mask, d.family, d.structure
+            )
+        return np.asarray(V)
+
+    @property
+    def condvar(self) -> dict[str, np.ndarray]:
+        """Grouping factor -> conditional covariance of each level's effects, ``(G, Q, Q)``."""
+        return self._condvar
+
+    def ranef_frame(self) -> pd.DataFrame:
+        """Tidy conditional modes: grpvar, term, grp, condval, condsd (``as.data.frame(ranef(m))``)."""
+        frames = []
+        for factor, modes in self.ranef.items():
+            sds = self.ranef_sd[factor]
+            for term in modes.columns:
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "grpvar": factor,
+                            "term": term,
+                            "grp": modes.index.astype(str),
+                            "condval": modes[term].to_numpy(),
+                            "condsd": sds[term].to_numpy(),
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True)
+
+    # ---------------------------------------------------------------- predictions
+    def _eta_fit(self, with_random: bool) -> np.ndarray:
+        """Linear predictor on the fitted rows, in the caller's row order."""
+        d = self._design
+        n, p = d.nobs, d.p
+        a = d.arrays
+        eta = a.X[:n] @ self._out.x[:p] + a.offset[:n]
+        if with_random:
+            (T,) = self._blocks()
+            b = self._out.u @ T.T
+            eta = eta + np.sum(a.Z[:n] * b[a.group[:n]], axis=1)
+        out = np.empty(n)
+        out[d.order] = eta
+        return out
+
+    def _eta_new(self, newdata: pd.DataFrame, with_random: bool, allow_new_levels: bool) -> np.ndarray:
+        d = self._design
+        if not isinstance(newdata, pd.DataFrame):
+            raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        X = np.asarray(d.fixed_spec.get_model_matrix(newdata, na_action="ignore"), dtype=float)
+        cols = [_lme4_name(c) for c in d.fixed_spec.column_names]
+        keep = [cols.index(c) for c in d.fixef_names]
+        eta = X[:, keep] @ self.fixef.to_numpy()
+        for expr in d.spec.offsets:
+            eta = eta + _evaluate(expr, newdata, "offset")
+        if with_random:
+            (T,) = self._blocks()
+            (factor,) = d.structure.factors
+            rterm = d.spec.random[0]
+            missing = [c for c in rterm.group if c not in newdata.columns]
+            if missing:
+                raise DataError(f"newdata lacks grouping column(s) {', '.join(missing)}")
+            labels = newdata[list(rterm.group)].astype(str).agg(":".join, axis=1)
+            known = pd.Index(d.levels[factor].astype(str))
+            codes = known.get_indexer(labels)
+            if not allow_new_levels and np.any(codes < 0):
+                unseen = sorted(set(labels[codes < 0]))[:5]
+                raise DataError(f"newdata has levels of {factor!r} not in the fit: {unseen}")
+            Z = np.concatenate(
+                [np.asarray(s.get_model_matrix(newdata, na_action="ignore"), float) for s in d.random_specs],
+                axis=1,
+            )
+            b = self._out.u[: len(known)] @ T.T
+            # Unseen levels get the population-level prediction (random effects 0).
+            contrib = np.where(codes >= 0, np.sum(Z * b[np.maximum(codes, 0)], axis=1), 0.0)
+            eta = eta + contrib
+        return eta
+
+    def predict(
+        self,
+        newdata: pd.DataFrame | None = None,
+        re_form=None,
+        type: str = "link",
+        allow_new_levels: bool = True,
+    ) -> np.ndarray:
+        """Predictions, as lme4's ``predict.merMod``.
+
+        Parameters
+        ----------
+        newdata : DataFrame, optional
+            Rows to predict for; default the rows used in the fit.
+        re_form : None or "~0"
+            ``None`` includes the random effects (conditional prediction); ``"~0"`` (or ``"NA"``,
+            ``False``) gives the population-level prediction.
+        type : {"link", "response"}
+        allow_new_levels : bool
+            Unseen grouping levels get the population-level prediction; if False they raise.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
+        if type not in ("link", "response"):
+            raise ValueError(f"type must be 'link' or 'response', got {type!r}")
+        with_random = re_form is None or (isinstance(re_form, str) and re_form.strip() not in ("~0", "NA", "~ 0"))
+        if re_form is False:
+            with_random = False
+        if newdata is None:
+            eta = self._eta_fit(with_random)
+        else:
+            eta = self._eta_new(newdata, with_random, allow_new_levels)
+        if type == "link":
+            return eta
+        return np.asarray(self.family.link.linkinv(eta))
+
+    def fitted(self) -> np.ndarray:
+        """Fitted means (probabilities for the binomial), random effects included."""
+        return self.predict(type="response")
+
+    def residuals(self, type: str = "deviance") -> np.ndarray:
+        """Residuals of the fitted rows: ``"deviance"`` (default), ``"pearson"``, ``"response"``,
+        ``"working"``, as R's ``residuals.glmResp``."""
+        d = self._design
+        eta = self._eta_fit(True)
+        mu = np.asarray(self.family.link.linkinv(eta))
+        y = d.y_mean
+        if type == "response":
+            return y - mu
+        if type == "working":
+            return (y - mu) / np.asarray(self.family.link.mu_eta(eta))
+        # On the proportion scale a binomial observation weighs as its number of trials.
+        wt = d.prior_weights * (d.trials if isinstance(self.family, Binomial) else 1.0)
+        if type == "pearson":
+            return (y - mu) * np.sqrt(wt) / np.sqrt(np.asarray(self.family.variance(mu)))
+        if type == "deviance":
+            counts = y * d.trials
+            dr = np.asarray(self.family.dev_resid(counts, d.trials, mu)) * d.prior_weights
+            return np.sign(y - mu) * np.sqrt(np.maximum(dr, 0.0))
+        raise ValueError(f"unknown residual type {type!r}; use deviance, pearson, response or working")
+
+    def simulate(self, nsim: int = 1, seed: int | None = None) -> pd.DataFrame:
+        """Simulate responses from the fitted model with new random effects (lme4's default).
+
+        Returns a DataFrame of ``nobs`` rows and ``nsim`` columns ``sim_1 ...``, on the scale of
+        the response as given: 0/1 or proportions (binomial with weights), successes for
+        ``cbind`` responses, counts for the Poisson.
+        """
+        import jax
+
+        from ._config import precision
+
+        d = self._design
+        (factor,) = d.structure.factors
+        G = len(d.levels[factor])
+        (T,) = self._blocks()
+        eta_fixed = self._eta_fit(False)
+        n = d.nobs
+        a = d.arrays
+        Z = np.empty_like(a.Z[:n])
+        Z[d.order] = a.Z[:n]
+        codes = np.empty(n, dtype=np.int64)
+        codes[d.order] = a.group[:n]
+        with precision():
+            key = jax.random.PRNGKey(0 if seed is None else seed)
+            sims = []
+            for k in jax.random.split(key, nsim):
+                ku, ky = jax.random.split(k)
+                u = np.asarray(jax.random.normal(ku, (G, T.shape[0])))
+                eta = eta_fixed + np.sum(Z * (u @ T.T)[codes], axis=1)
+                mu = self.family.link.linkinv(jax.numpy.asarray(eta))
+                y = np.asarray(self.family.simulate(ky, mu, jax.numpy.asarray(d.trials)))
+                if isinstance(self.family, Binomial) and d.spec.response.kind != "cbind":
+                    y = y / d.trials
+                sims.append(y)
+        return pd.DataFrame(np.column_stack(sims), index=d.index, columns=[f"sim_{i + 1}" for i in range(nsim)])
+
+    # ---------------------------------------------------------------- printing
+    def coef_table(self) -> pd.DataFrame:
+        """Estimate, Std. Error, z value, Pr(>|z|) for the fixed effects."""
+        z = self.fixef / self.se
+        p = 2 * scipy.stats.norm.sf(np.abs(z))
+        return pd.DataFrame(
+            {"Estimate": self.fixef, "Std. Error": self.se, "z value": z, "Pr(>|z|)": p}
+        )
+
+    def summary(self) -> Summary:
+        """lme4-style summary; prints as text, renders as HTML in notebooks."""
+        return Summary(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"<GLMMResult {self.formula!r} family={self.family} nobs={self.nobs} "
+            f"loglik={self.loglik:.4f} converged={self.converged} singular={self.singular}>"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.summary()._repr_html_()
+
+
+def _num(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}g}" if np.isfinite(x) else "NaN"
+
+
+class Summary:
+    """The text of ``summary(glmerMod)``; ``str()`` for text, ``_repr_html_`` for notebooks."""
+
+    def __init__(self, result: GLMMResult):
+        self.result = result
+
+    def _random_table(self) -> pd.DataFrame:
+        r = self.result
+        rows = []
+        vc = r.varcorr
+        for _, row in vc[vc.var2.isna()].iterrows():
+            corr = vc[(vc.grp == row.grp) & vc.var2.notna() & (vc.var2 == row.var1)]
+            rows.append(
+                {
+                    "Groups": row.grp,
+                    "Name": row.var1,
+                    "Variance": _num(row.vcov),
+                    "Std.Dev.": _num(row.sdcor),
+                    "Corr": " ".join(f"{c:.2f}" for c in corr.sdcor) if len(corr) else "",
+                }
+            )
+        table = pd.DataFrame(rows)
+        if not (table["Corr"] != "").any():
+            table = table.drop(columns="Corr")
+        dup = table["Groups"].duplicated()
+        table.loc[dup, "Groups"] = ""
+        return table
+
+    def _coef_strings(self) -> pd.DataFrame:
+        t = self.result.coef_table()
+        out = pd.DataFrame(index=t.index)
+        out["Estimate"] = t["Estimate"].map(lambda v: f"{v:.5g}")
+        out["Std. Error"] = t["Std. Error"].map(lambda v: f"{v:.5g}")
+        out["z value"] = t["z value"].map(lambda v: f"{v:.3f}")
+        out["Pr(>|z|)"] = t["Pr(>|z|)"].map(lambda v: f"{v:.3g}")
+        out[""] = t["Pr(>|z|)"].map(_signif_stars)
+        return out
+
+    def _corr_strings(self) -> pd.DataFrame | None:
+        r = self.result
+        if len(r.fixef) < 2:
+            return None
+        sd = np.sqrt(np.diag(r.vcov.to_numpy()))
+        C = r.vcov.to_numpy() / np.outer(sd, sd)
+        short = [n[:6] if n != "(Intercept)" else "(Intr)" for n in r.fixef.index]
+        rows = {}
+        for i, name in enumerate(r.fixef.index[1:], start=1):
+            rows[name] = [f"{C[i, j]:.3f}" if j < i else "" for j in range(len(short) - 1)]
+        return pd.DataFrame.from_dict(rows, orient="index", columns=short[:-1])
+
+    def _header(self) -> list[str]:
+        r = self.result
+        return [
+            "Generalized linear mixed model fit by maximum likelihood (Laplace Approximation) "
+            "[glmm_jax]",
+            f" Family: {r.family.name}  ( {r.family.link.name} )",
+            f"Formula: {r.formula}",
+        ]
+
+    def _fit_stats(self) -> pd.DataFrame:
+        r = self.result
+        return pd.DataFrame(
+            [[f"{r.aic:.1f}", f"{r.bic:.1f}", f"{r.loglik:.1f}", f"{r.deviance:.1f}", str(r.df_resid)]],
+            columns=["AIC", "BIC", "logLik", "deviance", "df.resid"],
+        )
+
+    def _residual_quantiles(self) -> pd.DataFrame:
+        res = self.result.residuals("pearson")
+        q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
+        return pd.DataFrame([[f"{v:.4f}" for v in q]], columns=["Min", "1Q", "Median", "3Q", "Max"])
+
+    def _groups_line(self) -> str:
+        r = self.result
+        groups = "; ".join(f"{f}, {n}" for f, n in r.ngroups.items())
+        return f"Number of obs: {r.nobs}, groups:  {groups}"
+
+    def _messages(self) -> list[str]:
+        r = self.result
+        msgs = []
+        if r.singular:
+            msgs.append("boundary (singular) fit: a variance component is estimated as zero")
+        if not r.converged:
+            msgs.append(
+                f"Model failed to converge: {r.fit_info.status} "
+                f"(max|grad| = {r.fit_info.gradient_norm:.3g})"
+            )
+        return msgs
+
+    def __str__(self) -> str:
+        lines = self._header()
+        lines += ["", _format_table(self._fit_stats(), index=False), ""]
+        lines += ["Scaled residuals: ", _format_table(self._residual_quantiles(), index=False), ""]
+        lines += ["Random effects:", _format_table(self._random_table(), index=False)]
+        lines += [self._groups_line(), "", "Fixed effects:", _format_table(self._coef_strings())]
+        lines += ["---", "Signif. codes:  0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1"]
+        corr = self._corr_strings()
+        if corr is not None:
+            lines += ["", "Correlation of Fixed Effects:", _format_table(corr)]
+        msgs = self._messages()
+        if msgs:
+            lines += [""] + msgs
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        parts = [f"<p>{'<br>'.join(esc(h) for h in self._header())}</p>"]
+        parts.append(self._fit_stats().to_html(index=False))
+        parts.append("<p><b>Random effects</b></p>" + self._random_table().to_html(index=False))
+        parts.append(f"<p>{esc(self._groups_line())}</p>")
+        parts.append("<p><b>Fixed effects</b></p>" + self._coef_strings().to_html())
+        for m in self._messages():
+            parts.append(f"<p><b>{esc(m)}</b></p>")
+        return "<div class='glmm-jax-summary'>" + "\n".join(parts) + "</div>"

@@ -1,0 +1,141 @@
+"""Random-effects layout: which columns belong to which term, and theta <-> Lambda.
+
+lme4 writes the random effects as ``b = Lambda_theta u`` with ``u ~ N(0, I)``. For one grouping
+factor, ``Lambda`` is block-diagonal with the same ``Q x Q`` lower-triangular block ``T`` for
+every level, where ``Q`` is the number of random-effect columns of all terms on that factor and
+``T`` is itself block-diagonal by term. ``theta`` lists, term by term, the lower triangle of each
+term's block column by column (lme4's order).
+
+The optimiser does not see ``theta`` directly: it sees ``phi``, equal to ``theta`` except that
+diagonal entries are logged (a log-Cholesky parameterisation), so every ``phi`` is valid and
+the variance can approach zero smoothly. A boundary (singular) fit is represented by a mask that
+sets chosen diagonal entries to exactly zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Term", "ReStructure"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One random-effects term after expanding ``||`` into single columns.
+
+    Attributes
+    ----------
+    group : str
+        The grouping factor's name.
+    names : tuple of str
+        The term's random-effect columns, lme4-style (``"(Intercept)"``, ``"standLRT"``).
+    """
+
+    group: str
+    names: tuple[str, ...]
+
+    @property
+    def q(self) -> int:
+        """Number of random effects per level."""
+        return len(self.names)
+
+    @property
+    def n_theta(self) -> int:
+        """Entries of the term's lower-triangular block."""
+        return self.q * (self.q + 1) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ReStructure:
+    """The random-effects structure of a model: terms and their grouping factors.
+
+    Hashable and free of data, so it is a static argument of the compiled fit: two datasets
+    with the same structure (and the same bucketed sizes) share one compiled program.
+
+    Attributes
+    ----------
+    terms : tuple of Term
+        Terms in lme4's order.
+    """
+
+    terms: tuple[Term, ...]
+
+    @property
+    def factors(self) -> tuple[str, ...]:
+        """Distinct grouping factors in order of first appearance."""
+        return tuple(dict.fromkeys(t.group for t in self.terms))
+
+    def factor_terms(self, factor: str) -> tuple[Term, ...]:
+        """The terms on one grouping factor."""
+        return tuple(t for t in self.terms if t.group == factor)
+
+    def factor_q(self, factor: str) -> int:
+        """Random effects per level of ``factor``, over all of its terms."""
+        return sum(t.q for t in self.factor_terms(factor))
+
+    def factor_names(self, factor: str) -> tuple[str, ...]:
+        """Column names of the factor's block, in block order."""
+        return tuple(n for t in self.factor_terms(factor) for n in t.names)
+
+    @property
+    def n_theta(self) -> int:
+        """Length of theta (and of phi)."""
+        return sum(t.n_theta for t in self.terms)
+
+    def theta_layout(self) -> list[tuple[int, int, int]]:
+        """For each theta entry, ``(factor index, row, col)`` inside the factor's ``Q x Q`` block."""
+        offsets = dict.fromkeys(self.factors, 0)
+        layout = []
+        for term in self.terms:
+            f = self.factors.index(term.group)
+            o = offsets[term.group]
+            for col in range(term.q):
+                for row in range(col, term.q):
+                    layout.append((f, o + row, o + col))
+            offsets[term.group] = o + term.q
+        return layout
+
+    @property
+    def diagonal(self) -> np.ndarray:
+        """Boolean array over theta: True where the entry is on a block diagonal."""
+        return np.array([r == c for _, r, c in self.theta_layout()], dtype=bool)
+
+    def theta_from_phi(self, phi: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """lme4's ``theta`` from the unconstrained ``phi``; ``mask`` zeroes chosen diagonals."""
+        diag = jnp.asarray(self.diagonal)
+        theta = jnp.where(diag, jnp.exp(phi), phi)
+        if mask is not None:
+            theta = jnp.where(diag, theta * mask, theta)
+        return theta
+
+    def phi_from_theta(self, theta: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`theta_from_phi` (diagonals must be positive)."""
+        theta = np.asarray(theta, dtype=float)
+        return np.where(self.diagonal, np.log(np.where(self.diagonal, theta, 1.0)), theta)
+
+    def lambda_blocks(self, theta: jnp.ndarray) -> list[jnp.ndarray]:
+        """One lower-triangular ``Q x Q`` block ``T`` per factor, from ``theta``."""
+        layout = self.theta_layout()
+        blocks = []
+        for f, factor in enumerate(self.factors):
+            q = self.factor_q(factor)
+            idx = [i for i, (ff, _, _) in enumerate(layout) if ff == f]
+            rows = np.array([layout[i][1] for i in idx])
+            cols = np.array([layout[i][2] for i in idx])
+            blocks.append(jnp.zeros((q, q), theta.dtype).at[rows, cols].set(theta[np.array(idx)]))
+        return blocks
+
+    def theta_names(self) -> list[str]:
+        """lme4's names for theta entries: ``school.(Intercept)``, ``school.standLRT.(Intercept)``."""
+        names = []
+        for term in self.terms:
+            for col in range(term.q):
+                for row in range(col, term.q):
+                    if row == col:
+                        names.append(f"{term.group}.{term.names[row]}")
+                    else:
+                        names.append(f"{term.group}.{term.names[row]}.{term.names[col]}")
+        return names
