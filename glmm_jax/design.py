@@ -14,6 +14,7 @@ handed to the compiled fit are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import formulaic
@@ -48,7 +49,8 @@ def _lme4_name(name: str) -> str:
     return "(Intercept)" if name == "Intercept" else name
 
 
-def _required_variables(spec: FormulaSpec) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def _required_variables(spec: FormulaSpec) -> tuple[str, ...]:
     exprs = [spec.fixed, *spec.offsets, *spec.response.exprs]
     exprs += [t.expr for t in spec.random]
     names: list[str] = []
@@ -60,7 +62,7 @@ def _required_variables(spec: FormulaSpec) -> list[str]:
             raise ValueError(f"cannot parse {expr!r} in formula {spec.formula!r}: {exc}") from None
     for term in spec.random:
         names += list(term.group)
-    return list(dict.fromkeys(names))
+    return tuple(dict.fromkeys(names))
 
 
 def _evaluate(expr: str, data: pd.DataFrame, what: str) -> np.ndarray:
@@ -134,7 +136,8 @@ class Design:
     y_mean : (nobs,) array
         Response on the mean's scale (a proportion for the binomial), in data order.
     fixed_spec, random_specs
-        formulaic model specs to rebuild the matrices for new data.
+        formulaic model specs to rebuild the matrices for new data (``None`` for a random
+        intercept, whose column is all ones).
     """
 
     spec: FormulaSpec
@@ -296,7 +299,7 @@ def build_design(
             f"random terms on several grouping factors ({', '.join(factors)}) are not supported "
             "yet; this version fits models whose random terms share one grouping factor"
         )
-    used = _required_variables(spec)
+    used = list(_required_variables(spec))
     _check_columns(data, used, spec.formula)
     w_all = _vector_arg(weights, data, "weights")
     off_all = _vector_arg(offset, data, "offset")
@@ -331,10 +334,15 @@ def build_design(
     factor = spec.random[0].group_name
     terms, Z_cols, random_specs = [], [], []
     for rt in spec.random:
-        mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
-        cols = [_lme4_name(c) for c in mm.columns]
-        random_specs.append(mm.model_spec)
-        Zt = np.asarray(mm, dtype=float)
+        if rt.expr.strip() == "1":
+            # The random intercept, by far the commonest term: no formulaic round trip.
+            cols, Zt = ["(Intercept)"], np.ones((len(df), 1))
+            random_specs.append(None)
+        else:
+            mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
+            cols = [_lme4_name(c) for c in mm.columns]
+            random_specs.append(mm.model_spec)
+            Zt = np.asarray(mm, dtype=float)
         if rt.correlated:
             terms.append(Term(factor, tuple(cols)))
         else:

@@ -3,7 +3,9 @@
 A :class:`Family` knows its log-density, its variance function and its link. The estimator
 asks it for four things per observation, all as functions of the linear predictor ``eta``:
 
-* ``loglik(y, trials, eta)``: the log-density, constants included (so log-likelihoods match R's);
+* ``loglik(y, trials, eta)``: the log-density, constants included (so log-likelihoods match R's),
+  split as ``loglik_kernel(y, trials, eta) + loglik_const(y, trials)`` so that the inner loops
+  never recompute the (costly, eta-free) normalising constants;
 * ``fisher_weight(trials, eta)``: ``trials * (dmu/deta)^2 / V(mu)``, the expected information,
   used in the Laplace log-determinant exactly as lme4's PIRLS weights are;
 * ``dev_resid``, ``variance`` and ``simulate`` for residuals and parametric simulation.
@@ -15,6 +17,7 @@ Responses are stored in counts: for the binomial, ``y`` is the number of success
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,7 @@ Array = jnp.ndarray
 class Family:
     """Base class: a response distribution with a link.
 
-    Subclasses implement :meth:`loglik`, :meth:`variance`, :meth:`dev_resid`,
+    Subclasses implement :meth:`loglik_kernel`, :meth:`loglik_const`, :meth:`variance`, :meth:`dev_resid`,
     :meth:`mustart` and :meth:`simulate`. Instances are immutable and hashable, so they can be
     static arguments of ``jax.jit``.
     """
@@ -59,7 +62,28 @@ class Family:
         tiny = jnp.finfo(jnp.result_type(eta)).tiny
         return trials * self.link.mu_eta(eta) ** 2 / jnp.maximum(self.variance(mu), tiny)
 
-    def loglik(self, y: Array, trials: Array, eta: Array) -> Array:  # pragma: no cover
+    def loglik(self, y: Array, trials: Array, eta: Array) -> Array:
+        """Log-density of each observation at ``eta``, normalising constants included."""
+        return self.loglik_kernel(y, trials, eta) + self.loglik_const(y, trials)
+
+    def loglik_kernel(self, y: Array, trials: Array, eta: Array) -> Array:
+        """The part of :meth:`loglik` that depends on ``eta``.
+
+        Its derivative in ``eta`` is :meth:`score` (a ``custom_jvp``), so every derivative the
+        estimator takes, to any order, runs through the short closed-form score rather than
+        through autodiff of the log-density.
+        """
+        return _kernel(self, y, trials, eta)
+
+    def _kernel(self, y: Array, trials: Array, eta: Array) -> Array:  # pragma: no cover
+        raise NotImplementedError
+
+    def score(self, y: Array, trials: Array, eta: Array) -> Array:
+        """``d loglik / d eta`` per observation (autodiff of the kernel unless overridden)."""
+        return jax.jvp(lambda e: self._kernel(y, trials, e), (eta,), (jnp.ones_like(eta),))[1]
+
+    def loglik_const(self, y: Array, trials: Array) -> Array:  # pragma: no cover
+        """The part of :meth:`loglik` that does not depend on ``eta``."""
         raise NotImplementedError
 
     def variance(self, mu: Array) -> Array:  # pragma: no cover
@@ -93,11 +117,23 @@ class Binomial(Family):
         default=("logit", "probit", "cloglog", "cauchit", "log"), init=False, repr=False
     )
 
-    def loglik(self, y, trials, eta):
+    def _kernel(self, y, trials, eta):
+        if self.link.name == "logit":
+            return y * eta - trials * _softplus(eta)
         log_mu, log1m_mu = self.link.log_mu_pair(eta)
-        const = gammaln(trials + 1.0) - gammaln(y + 1.0) - gammaln(trials - y + 1.0)
         # y * log(mu) with y = 0 must be 0 even where log(mu) is -inf (log link, mu = 0).
-        return const + jnp.where(y > 0, y * log_mu, 0.0) + jnp.where(trials > y, (trials - y) * log1m_mu, 0.0)
+        return jnp.where(y > 0, y * log_mu, 0.0) + jnp.where(trials > y, (trials - y) * log1m_mu, 0.0)
+
+    def loglik_const(self, y, trials):
+        return gammaln(trials + 1.0) - gammaln(y + 1.0) - gammaln(trials - y + 1.0)
+
+    def score(self, y, trials, eta):
+        if self.link.name == "logit":
+            return y - trials * self.link.linkinv(eta)
+        if self.link.dlog_mu_pair is None:
+            return super().score(y, trials, eta)
+        a, b = self.link.dlog_mu_pair(eta)
+        return y * a + (trials - y) * b
 
     def variance(self, mu):
         return mu * (1.0 - mu)
@@ -135,8 +171,16 @@ class Poisson(Family):
         tiny = jnp.finfo(jnp.result_type(eta)).tiny
         return jnp.log(jnp.maximum(self.link.linkinv(eta), tiny))
 
-    def loglik(self, y, trials, eta):
-        return jnp.where(y > 0, y * self._log_mu(eta), 0.0) - self.mu(eta) - gammaln(y + 1.0)
+    def _kernel(self, y, trials, eta):
+        return jnp.where(y > 0, y * self._log_mu(eta), 0.0) - self.mu(eta)
+
+    def score(self, y, trials, eta):
+        if self.link.name == "log":
+            return y - jnp.exp(eta)
+        return super().score(y, trials, eta)
+
+    def loglik_const(self, y, trials):
+        return -gammaln(y + 1.0)
 
     def variance(self, mu):
         return mu
@@ -149,6 +193,23 @@ class Poisson(Family):
 
     def simulate(self, key, mu, trials):
         return jax.random.poisson(key, mu).astype(mu.dtype)
+
+
+def _softplus(x):
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel(family, y, trials, eta):
+    return family._kernel(y, trials, eta)
+
+
+@_kernel.defjvp
+def _kernel_jvp(family, primals, tangents):
+    y, trials, eta = primals
+    # The response is data: only eta carries a tangent.
+    deta = tangents[2]
+    return _kernel(family, y, trials, eta), family.score(y, trials, eta) * deta
 
 
 FAMILIES = {"binomial": (Binomial, "logit"), "poisson": (Poisson, "log")}

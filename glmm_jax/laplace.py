@@ -38,6 +38,7 @@ __all__ = [
     "implicit_modes",
     "laplace_deviance",
     "deviance_and_modes",
+    "deviance_constant",
     "conditional_variances",
     "linear_predictor",
 ]
@@ -84,7 +85,7 @@ class InnerControl:
     """
 
     maxiter: int = 50
-    tol: float = 1e-8
+    tol: float = 1e-6
     max_halvings: int = 20
 
 
@@ -112,13 +113,13 @@ def _segsum(values, arrays: ModelArrays):
 def _loglik_terms(family: Family, arrays: ModelArrays, eta):
     """Per-observation weighted log-density and its first two derivatives in ``eta``."""
 
-    def total(e):
-        return jnp.sum(arrays.weights * family.loglik(arrays.y, arrays.trials, e))
+    def score(e):
+        return arrays.weights * family.score(arrays.y, arrays.trials, e)
 
-    # The log-likelihood is a sum of per-observation terms, so the Hessian in eta is diagonal
-    # and one forward-over-reverse pass with a vector of ones gives all of it.
-    d1, d2 = jax.jvp(jax.grad(total), (eta,), (jnp.ones_like(eta),))
-    ll = arrays.weights * family.loglik(arrays.y, arrays.trials, eta)
+    # The score is elementwise in eta, so one forward pass with a vector of ones gives the
+    # diagonal second derivative.
+    d1, d2 = jax.jvp(score, (eta,), (jnp.ones_like(eta),))
+    ll = arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta)
     return ll, d1, d2
 
 
@@ -132,7 +133,7 @@ def _block_hessian(w, ZT, arrays: ModelArrays):
 def _penalized_by_level(x, u, arrays, mask, family, structure):
     """``-sum_{i in g} w_i log p(y_i) + |u_g|^2 / 2`` for each level ``g``."""
     eta, _ = linear_predictor(x, u, arrays, structure, mask)
-    ll = arrays.weights * family.loglik(arrays.y, arrays.trials, eta)
+    ll = arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta)
     return -_segsum(ll, arrays) + 0.5 * jnp.sum(u**2, axis=1)
 
 
@@ -147,40 +148,41 @@ def solve_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
         return _penalized_by_level(x, u, arrays, mask, family, structure)
 
     def cond(state):
-        _, it, done = state
+        _, _, it, done = state
         return (it < control.maxiter) & ~done
 
     def body(state):
-        u, it, _ = state
+        u, h0, it, _ = state
         eta, ZT = linear_predictor(x, u, arrays, structure, mask)
-        ll, d1, d2 = _loglik_terms(family, arrays, eta)
+        _, d1, d2 = _loglik_terms(family, arrays, eta)
         grad = u - _segsum(d1[:, None] * ZT, arrays)
         # Observed information, floored at 0 so every block stays positive definite (it can be
         # negative in the tails of non-log-concave links such as cauchit).
         H = _block_hessian(jnp.maximum(-d2, 0.0), ZT, arrays)
         delta = -chol_solve(chol(H), grad)
-        h0 = -_segsum(ll, arrays) + 0.5 * jnp.sum(u**2, axis=1)
         slack = 1e-12 * (1.0 + jnp.abs(h0))
 
-        # Step-halving level by level: the objective separates over levels.
+        # Step-halving level by level (the objective separates over levels). The objective at
+        # the accepted step is carried to the next iteration rather than recomputed.
         def halve_cond(s):
-            step, k, worse = s
+            _, _, k, worse = s
             return (k < control.max_halvings) & jnp.any(worse)
 
         def halve_body(s):
-            step, k, worse = s
+            step, h, k, worse = s
             step = jnp.where(worse, 0.5 * step, step)
             h = penalized(u + step[:, None] * delta)
-            return step, k + 1, ~(h <= h0 + slack)
+            return step, h, k + 1, ~(h <= h0 + slack)
 
-        step = jnp.ones_like(h0)
         h1 = penalized(u + delta)
-        step, _, _ = jax.lax.while_loop(halve_cond, halve_body, (step, 0, ~(h1 <= h0 + slack)))
+        init = (jnp.ones_like(h0), h1, 0, ~(h1 <= h0 + slack))
+        step, h, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
         done = jnp.max(jnp.abs(delta)) < control.tol
-        return u + step[:, None] * delta, it + 1, done
+        return u + step[:, None] * delta, h, it + 1, done
 
     u0 = jax.lax.stop_gradient(u0)
-    return jax.lax.while_loop(cond, body, (u0, jnp.int32(0), jnp.array(False)))
+    u, _, it, done = jax.lax.while_loop(cond, body, (u0, penalized(u0), jnp.int32(0), jnp.array(False)))
+    return u, it, done
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(4, 5))
@@ -216,7 +218,8 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
 
 
 def laplace_deviance(x, arrays, u_star, mask, family, structure):
-    """Laplace approximation to ``-2 log L(beta, theta)`` at converged modes ``u_star``.
+    """Laplace approximation to ``-2 log L(beta, theta)`` at converged modes ``u_star``, less
+    :func:`deviance_constant` (which does not depend on ``x``).
 
     Parameters
     ----------
@@ -234,10 +237,15 @@ def laplace_deviance(x, arrays, u_star, mask, family, structure):
     """
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
     eta, ZT = linear_predictor(x, u, arrays, structure, mask)
-    ll = jnp.sum(arrays.weights * family.loglik(arrays.y, arrays.trials, eta))
+    ll = jnp.sum(arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta))
     w = arrays.weights * family.fisher_weight(arrays.trials, eta)
     logdet = jnp.sum(chol_logdet(chol(_block_hessian(w, ZT, arrays))))
     return -2.0 * ll + jnp.sum(u**2) + logdet
+
+
+def deviance_constant(arrays: ModelArrays, family: Family):
+    """``-2 sum_i w_i c(y_i)``: the eta-free part of the deviance, left out of the inner loops."""
+    return -2.0 * jnp.sum(arrays.weights * family.loglik_const(arrays.y, arrays.trials))
 
 
 def deviance_and_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
@@ -246,7 +254,8 @@ def deviance_and_modes(x, arrays, u0, mask, family, structure, control: InnerCon
     The gradient in ``x`` is exact (implicit); the Newton iteration itself is not differentiated.
     """
     u_star = jax.lax.stop_gradient(solve_modes(x, arrays, u0, mask, family, structure, control)[0])
-    return laplace_deviance(x, arrays, u_star, mask, family, structure), u_star
+    dev = laplace_deviance(x, arrays, u_star, mask, family, structure)
+    return dev + deviance_constant(arrays, family), u_star
 
 
 def conditional_variances(x, u, arrays, mask, family, structure):

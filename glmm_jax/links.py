@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr, ndtri
 
@@ -34,6 +35,9 @@ class Link:
         ``eta -> dmu/deta``.
     log_mu_pair : callable, optional
         ``eta -> (log mu, log(1 - mu))`` computed stably, for links onto (0, 1).
+    dlog_mu_pair : callable, optional
+        ``eta -> (d log mu / d eta, d log(1 - mu) / d eta)`` in closed form; where absent, the
+        family differentiates ``log_mu_pair`` instead.
     """
 
     name: str
@@ -41,6 +45,7 @@ class Link:
     linkinv: Callable[[Array], Array]
     mu_eta: Callable[[Array], Array]
     log_mu_pair: Callable[[Array], tuple[Array, Array]] | None = None
+    dlog_mu_pair: Callable[[Array], tuple[Array, Array]] | None = None
 
     # Links are singletons looked up by name: hashing by name keeps jit's static-argument cache
     # shared between equal links.
@@ -69,15 +74,28 @@ def _log_pair_clipped(linkinv):
 
 
 def _softplus(x):
-    return jnp.logaddexp(x, 0.0)
+    # log(1 + e^x) without overflow; cheaper to evaluate and differentiate than logaddexp.
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
 def _sigmoid(eta):
-    return 1.0 / (1.0 + jnp.exp(-eta))
+    # lax.logistic: one primitive, stable in both tails, derivative s (1 - s) at every order.
+    return jax.lax.logistic(eta)
 
 
 def _cloglog_inv(eta):
     return -jnp.expm1(-jnp.exp(jnp.minimum(eta, 700.0)))
+
+
+def _probit_dpair(eta):
+    log_phi = -0.5 * eta**2 - 0.5 * jnp.log(2 * jnp.pi)
+    # phi / Phi as exp of a difference of logs: finite deep in both tails.
+    return jnp.exp(log_phi - log_ndtr(eta)), -jnp.exp(log_phi - log_ndtr(-eta))
+
+
+def _cloglog_dpair(eta):
+    e = jnp.exp(jnp.minimum(eta, 700.0))
+    return e / jnp.expm1(e), -e
 
 
 def _cloglog_pair(eta):
@@ -101,6 +119,7 @@ LINKS: dict[str, Link] = {
         linkinv=_sigmoid,
         mu_eta=lambda eta: _sigmoid(eta) * _sigmoid(-eta),
         log_mu_pair=lambda eta: (-_softplus(-eta), -_softplus(eta)),
+        dlog_mu_pair=lambda eta: (_sigmoid(-eta), -_sigmoid(eta)),
     ),
     "probit": Link(
         "probit",
@@ -108,6 +127,7 @@ LINKS: dict[str, Link] = {
         linkinv=ndtr,
         mu_eta=lambda eta: jnp.exp(-0.5 * eta**2) / jnp.sqrt(2 * jnp.pi),
         log_mu_pair=lambda eta: (log_ndtr(eta), log_ndtr(-eta)),
+        dlog_mu_pair=_probit_dpair,
     ),
     "cloglog": Link(
         "cloglog",
@@ -115,6 +135,7 @@ LINKS: dict[str, Link] = {
         linkinv=_cloglog_inv,
         mu_eta=lambda eta: jnp.exp(jnp.minimum(eta, 700.0) - jnp.exp(jnp.minimum(eta, 700.0))),
         log_mu_pair=_cloglog_pair,
+        dlog_mu_pair=_cloglog_dpair,
     ),
     "cauchit": Link(
         "cauchit",

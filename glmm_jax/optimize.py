@@ -8,9 +8,10 @@ returns only arrays, and never raises, so it can be ``jax.jit``-ed, ``jax.vmap``
 2. optax's L-BFGS direction with a backtracking line search, the inner modes warm-started from
    the last accepted point, until the deviance stops falling quickly.
 3. Newton polish with the exact Hessian (eigenvalues made positive, backtracking line search),
-   from the L-BFGS point. When a variance heads to zero (``theta`` below ``boundary_theta``),
-   the same polish also runs with that variance fixed at exactly zero, and the lower deviance
-   wins: this is how a singular fit is found and flagged without chasing ``log(0)``.
+   in the same loop once L-BFGS slows down.
+4. When a variance ends near zero (``theta`` below ``boundary_theta``), Newton runs again with
+   that variance fixed at exactly zero, and the lower deviance wins: this is how a singular fit
+   is found and flagged without chasing ``log(0)``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ import jax.numpy as jnp
 import optax
 
 from .families import Family
-from .laplace import InnerControl, ModelArrays, laplace_deviance, solve_modes
+from .laplace import (
+    InnerControl,
+    ModelArrays,
+    conditional_variances,
+    deviance_constant,
+    laplace_deviance,
+    solve_modes,
+)
 from .structure import ReStructure
 
 __all__ = ["Control", "FitOutput", "Status", "fit_arrays", "glm_start"]
@@ -90,6 +98,7 @@ class FitOutput(NamedTuple):
     lbfgs_iterations, newton_iterations : () int.
     evaluations : () int
         Deviance evaluations (each with its own conditional-mode solve) in both stages.
+    condvar : (G, Q, Q) conditional covariance of each level's random effects ``b_g``.
     """
 
     x: jnp.ndarray
@@ -102,6 +111,7 @@ class FitOutput(NamedTuple):
     lbfgs_iterations: jnp.ndarray
     newton_iterations: jnp.ndarray
     evaluations: jnp.ndarray
+    condvar: jnp.ndarray
 
 
 def glm_start(arrays: ModelArrays, family: Family, maxiter: int = 25) -> jnp.ndarray:
@@ -112,7 +122,7 @@ def glm_start(arrays: ModelArrays, family: Family, maxiter: int = 25) -> jnp.nda
     link = family.link
 
     def loglik(eta):
-        return jnp.sum(w * family.loglik(arrays.y, arrays.trials, eta))
+        return jnp.sum(w * family.loglik_kernel(arrays.y, arrays.trials, eta))
 
     def step(eta):
         mu, dmu = family.mu(eta), link.mu_eta(eta)
@@ -177,102 +187,89 @@ def _backtrack(value, x, u, v, g, d, max_halvings: int = 40):
     return alpha, v_new, u_new, ok(alpha, v_new), k
 
 
-def _lbfgs(value, dev, x0, u0, control: Control):
-    """optax's L-BFGS direction with backtracking; modes warm-started from the last point.
-
-    ``value(x, u0) -> (v, u*)`` solves the modes; ``dev(x, u*)`` is the deviance at converged
-    modes (differentiable). Returns ``(x, u, iterations, evaluations)``.
-    """
-    opt = optax.scale_by_lbfgs(memory_size=10)
-
-    def cond(state):
-        *_, it, done = state
-        return (it < control.lbfgs_maxiter) & ~done
-
-    def body(state):
-        x, u, v, opt_state, it, evals, _ = state
-        g = jax.grad(dev)(x, u)
-        updates, opt_state = opt.update(g, opt_state, x)
-        d = -updates
-        d = jnp.where(jnp.dot(g, d) < 0, d, -g)
-        alpha, v_new, u_new, accepted, k = _backtrack(value, x, u, v, g, d)
-        done = ~accepted | ~jnp.all(jnp.isfinite(g)) | (v - v_new <= control.lbfgs_rtol * (1.0 + jnp.abs(v)))
-        keep = accepted & jnp.isfinite(v_new)
-        return (
-            jnp.where(keep, x + alpha * d, x),
-            jnp.where(keep, u_new, u),
-            jnp.where(keep, v_new, v),
-            opt_state,
-            it + 1,
-            evals + 1 + k,
-            done,
-        )
-
-    v0, u0 = value(x0, u0)
-    state = (x0, u0, v0, opt.init(x0), jnp.int32(0), jnp.int32(1), ~jnp.isfinite(v0))
-    x, u, _, _, it, evals, _ = jax.lax.while_loop(cond, body, state)
-    return x, u, it, evals
+_RUNNING, _SKIP, _BOUNDARY = -1, -2, -3
 
 
-_RUNNING, _SKIP = -1, -2
+def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Control):
+    """Minimise the deviance over the free coordinates of ``x``: L-BFGS, then Newton.
 
+    ``value(x, u0) -> (v, u*)`` solves the modes warm-started at ``u0``; ``dev(x, u*)`` is the
+    deviance at converged modes, differentiable to any order. ``u0`` must be the converged
+    modes at ``x0``. One loop serves both phases, so the derivatives and the line search are
+    traced once: optax's L-BFGS direction while the deviance falls fast, then Newton steps with
+    the exact Hessian (eigenvalues flipped and floored so every step descends). Coordinates in
+    ``watch`` are log standard deviations: if Newton drives one below ``log(singular_tol)``
+    (where lme4 calls a fit singular) the loop stops with status ``_BOUNDARY``, leaving the variance to the boundary stage.
 
-def _newton(value, dev, x0, u0, free, skip, control: Control):
-    """Safeguarded Newton on the free coordinates; ``u0`` must be the converged modes at ``x0``.
-
-    Returns ``(x, u, deviance, grad, hessian, iterations, evaluations, status)``, the
-    derivatives at the returned ``x`` (fixed coordinates zeroed) unless the iteration limit
-    stopped it mid-way.
+    Returns ``(x, u, deviance, grad, hessian, lbfgs_its, newton_its, evaluations, status)``, with
+    the gradient and Hessian at the returned ``x`` (fixed coordinates zeroed) unless an
+    iteration limit stopped it mid-way.
     """
     n = x0.shape[0]
     both = free[:, None] & free[None, :]
+    opt = optax.scale_by_lbfgs(memory_size=10)
+    log_zero = jnp.log(control.singular_tol)
 
     def cond(state):
-        *_, status = state
-        return status == _RUNNING
+        return state[-1] == _RUNNING
 
     def body(state):
-        x, u, _, _, _, it, evals, _ = state
+        x, u, opt_state, newton, it_l, it_n, evals, _, _, _, _ = state
         v, g = jax.value_and_grad(dev)(x, u)
-        H = jax.hessian(dev)(x, u)
         g = jnp.where(free, g, 0.0)
+        H = jax.lax.cond(
+            newton,
+            lambda: jax.hessian(dev)(x, u),
+            lambda: jnp.zeros((n, n), x.dtype),
+        )
         H = jnp.where(both, 0.5 * (H + H.T), 0.0)
-        # Modified Newton: flip and floor the eigenvalues so the step always descends.
+
+        updates, opt_state = opt.update(g, opt_state, x)
+        d_lbfgs = jnp.where(jnp.dot(g, updates) > 0, -updates, -g)
         ev, V = jnp.linalg.eigh(jnp.where(both, H, jnp.eye(n, dtype=H.dtype)))
         floor = 1e-8 * jnp.maximum(jnp.max(jnp.abs(ev)), 1.0)
-        d = jnp.where(free, -V @ ((V.T @ g) / jnp.maximum(jnp.abs(ev), floor)), 0.0)
-        converged = -jnp.dot(g, d) < control.newton_tol
+        d_newton = -V @ ((V.T @ g) / jnp.maximum(jnp.abs(ev), floor))
+        d = jnp.where(free, jnp.where(newton, d_newton, d_lbfgs), 0.0)
+
+        converged = newton & (-jnp.dot(g, d) < control.newton_tol)
         alpha, v_new, u_new, accepted, k = _backtrack(value, x, u, v, g, d)
-        move = ~converged & accepted
+        move = accepted & ~converged
+        x_new = jnp.where(move, x + alpha * d, x)
+        # Leave L-BFGS for Newton once its progress slows (or its step fails).
+        slow = ~accepted | (v - v_new <= control.lbfgs_rtol * (1.0 + jnp.abs(v)))
+        to_newton = newton | slow | (it_l + 1 >= control.lbfgs_maxiter)
+        it_n = it_n + newton
+        it_l = it_l + ~newton
+        # A variance sliding to zero: stop and let the boundary stage fit it exactly.
+        sliding = newton & jnp.any(watch & free & (x_new < log_zero))
         finite = jnp.isfinite(v) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(H))
-        status = jnp.where(
-            ~finite,
-            Status.NONFINITE,
-            jnp.where(
-                converged,
-                Status.CONVERGED,
-                jnp.where(
-                    ~accepted,
-                    Status.LINESEARCH,
-                    jnp.where(it + 1 >= control.newton_maxiter, Status.MAXITER, _RUNNING),
-                ),
-            ),
+        status = jnp.select(
+            [~finite, converged, newton & ~accepted, sliding, it_n >= control.newton_maxiter],
+            [Status.NONFINITE, Status.CONVERGED, Status.LINESEARCH, _BOUNDARY, Status.MAXITER],
+            _RUNNING,
         )
         return (
-            jnp.where(move, x + alpha * d, x),
+            x_new,
             jnp.where(move, u_new, u),
+            opt_state,
+            to_newton,
+            it_l,
+            it_n,
+            evals + 1 + k,
             v,
             g,
             H,
-            it + 1,
-            evals + 1 + k,
             status,
         )
 
     z = jnp.zeros((), x0.dtype)
-    state = (x0, u0, z, jnp.zeros(n, x0.dtype), jnp.zeros((n, n), x0.dtype), jnp.int32(0),
-             jnp.int32(0), jnp.where(skip, _SKIP, _RUNNING))
-    return jax.lax.while_loop(cond, body, state)
+    newton0 = ~allow_lbfgs | (control.lbfgs_maxiter == 0)
+    state = (
+        x0, u0, opt.init(x0), newton0, jnp.int32(0), jnp.int32(0), jnp.int32(0),
+        z, jnp.zeros(n, x0.dtype), jnp.zeros((n, n), x0.dtype), jnp.where(skip, _SKIP, _RUNNING),
+    )
+    x, u, _, _, it_l, it_n, evals, v, g, H, status = jax.lax.while_loop(cond, body, state)
+    return x, u, v, g, H, it_l, it_n, evals, status
 
 
 def fit_arrays(
@@ -304,8 +301,9 @@ def fit_arrays(
     if x0 is None:
         x0 = jnp.concatenate([glm_start(arrays, family), jnp.zeros(n_theta, dtype)])
     G = arrays.level_mask.shape[0]
-    u0 = jnp.zeros((G, arrays.Z.shape[1]), dtype)
-    ones = jnp.ones(n_theta, dtype)
+    u_zero = jnp.zeros((G, arrays.Z.shape[1]), dtype)
+    diag = jnp.asarray(structure.diagonal)
+    watch = jnp.concatenate([jnp.zeros(p, bool), diag])
 
     def objective(mask):
         def value(x, u):
@@ -317,34 +315,36 @@ def fit_arrays(
 
         return value, dev
 
-    value, dev = objective(ones)
-    x1, u1, n_lbfgs, evals_lbfgs = _lbfgs(value, dev, x0, u0, control)
-
-    # Polish twice through one traced body: the interior fit, and the fit with every variance
-    # that L-BFGS drove towards zero held at exactly zero (skipped when there is none).
-    diag = jnp.asarray(structure.diagonal)
-    candidate = diag & (jnp.exp(x1[p:]) < control.boundary_theta)
-    masks = jnp.stack([ones, jnp.where(candidate, 0.0, 1.0).astype(dtype)])
-    frees = jnp.stack(
-        [jnp.ones(p + n_theta, bool), jnp.concatenate([jnp.ones(p, bool), ~candidate])]
-    )
-    skips = jnp.stack([jnp.array(False), ~jnp.any(candidate)])
-
-    def polish(config):
-        mask, free, skip = config
+    # Two stages through one traced body (a scan of length 2): the interior fit, then the fit
+    # with every variance the interior fit left near zero held at exactly zero (skipped when
+    # there is none). The boundary model is nested in the interior one.
+    def stage(carry, k):
+        x_prev, u_prev = carry
+        candidate = (k == 1) & diag & (jnp.exp(x_prev[p:]) < control.boundary_theta)
+        mask = jnp.where(candidate, 0.0, 1.0).astype(dtype)
+        free = jnp.concatenate([jnp.ones(p, bool), ~candidate])
+        skip = (k == 1) & ~jnp.any(candidate)
+        x_start = jnp.where(k == 0, x0, x_prev)
+        u_start = jnp.where(k == 0, u_zero, u_prev)
         value, dev = objective(mask)
-        u_start = solve_modes(x1, arrays, u1, mask, family, structure, control.inner)[0]
-        return _newton(value, dev, x1, u_start, free, skip, control)
+        u_start = jax.lax.cond(skip, lambda: u_start, lambda: value(x_start, u_start)[1])
+        res = _minimize(value, dev, x_start, u_start, free, watch, k == 0, skip, control)
+        return (res[0], res[1]), (mask, *res)
 
-    xs, us, vs, gs, Hs, its, evals, statuses = jax.lax.map(polish, (masks, frees, skips))
-    # The boundary model is nested in the interior one: take it unless the interior deviance is
-    # lower by more than rounding, so a variance that is truly zero is reported as exactly zero.
-    pick = (jnp.any(candidate) & (vs[1] <= vs[0] + 1e-6)).astype(jnp.int32)
-    x, u, v, g, H, it, status = (a[pick] for a in (xs, us, vs, gs, Hs, its, statuses))
-    evaluations = evals_lbfgs + jnp.sum(evals)
+    _, stages = jax.lax.scan(stage, (x0, u_zero), jnp.arange(2))
+    masks, xs, us, vs, gs, Hs, its_l, its_n, evals, statuses = stages
+    use_boundary = (statuses[1] != _SKIP) & (vs[1] <= vs[0] + 1e-6)
+    pick = use_boundary.astype(jnp.int32)
+    mask, x, u, v, g, H, status = (a[pick] for a in (masks, xs, us, vs, gs, Hs, statuses))
+    g_max = jnp.max(jnp.abs(g))
     status = jnp.where(
-        (status == Status.LINESEARCH) & (jnp.max(jnp.abs(g)) < control.gradient_tol),
-        Status.CONVERGED,
-        status,
+        (status == Status.LINESEARCH) & (g_max < control.gradient_tol), Status.CONVERGED, status
     )
-    return FitOutput(x, u, masks[pick], v, g, H, status, n_lbfgs, it, evaluations)
+    # An interior fit stopped at the boundary that the boundary stage could not improve on.
+    status = jnp.where(status == _BOUNDARY, Status.MAXITER, status)
+    condvar = conditional_variances(x, u, arrays, mask, family, structure)
+    v = v + deviance_constant(arrays, family)
+    return FitOutput(
+        x, u, mask, v, g, H, status, its_l[0] + its_l[1], its_n[0] + its_n[1], jnp.sum(evals),
+        condvar,
+    )

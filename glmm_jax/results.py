@@ -174,7 +174,7 @@ class GLMMResult:
         b = u @ T.T
         cols = list(structure.factor_names(factor))
         self.ranef = {factor: pd.DataFrame(b, index=levels, columns=cols)}
-        self._condvar = {factor: self._conditional_variances()[:G]}
+        self._condvar = {factor: self._out.condvar[:G]}
         sd = np.sqrt(np.maximum(np.diagonal(self._condvar[factor], axis1=1, axis2=2), 0.0))
         self.ranef_sd = {factor: pd.DataFrame(sd, index=levels, columns=cols)}
 
@@ -193,20 +193,6 @@ class GLMMResult:
                     rows.append((term.group, term.names[j], term.names[i], S[i, j], corr))
             offset += q
         self.varcorr = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
-
-    def _conditional_variances(self):
-        import jax
-
-        from ._config import precision
-        from .laplace import conditional_variances
-
-        d = self._design
-        with precision():
-            arrays = jax.tree_util.tree_map(jax.numpy.asarray, d.arrays)
-            V = conditional_variances(
-                self._out.x, self._out.u, arrays, self._out.mask, d.family, d.structure
-            )
-        return np.asarray(V)
 
     @property
     def condvar(self) -> dict[str, np.ndarray]:
@@ -271,7 +257,12 @@ class GLMMResult:
                 unseen = sorted(set(labels[codes < 0]))[:5]
                 raise DataError(f"newdata has levels of {factor!r} not in the fit: {unseen}")
             Z = np.concatenate(
-                [np.asarray(s.get_model_matrix(newdata, na_action="ignore"), float) for s in d.random_specs],
+                [
+                    np.ones((len(newdata), 1))
+                    if s is None
+                    else np.asarray(s.get_model_matrix(newdata, na_action="ignore"), float)
+                    for s in d.random_specs
+                ],
                 axis=1,
             )
             b = self._out.u[: len(known)] @ T.T

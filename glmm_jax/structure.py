@@ -103,12 +103,16 @@ class ReStructure:
         """Boolean array over theta: True where the entry is on a block diagonal."""
         return np.array([r == c for _, r, c in self.theta_layout()], dtype=bool)
 
-    def theta_from_phi(self, phi: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
-        """lme4's ``theta`` from the unconstrained ``phi``; ``mask`` zeroes chosen diagonals."""
-        diag = jnp.asarray(self.diagonal)
-        theta = jnp.where(diag, jnp.exp(phi), phi)
+    def theta_from_phi(self, phi, mask=None):
+        """lme4's ``theta`` from the unconstrained ``phi``; ``mask`` zeroes chosen diagonals.
+
+        numpy in, numpy out; otherwise ``jax.numpy``.
+        """
+        xp = np if isinstance(phi, np.ndarray) else jnp
+        diag = self.diagonal
+        theta = xp.where(diag, xp.exp(xp.where(diag, phi, 0.0)), phi)
         if mask is not None:
-            theta = jnp.where(diag, theta * mask, theta)
+            theta = xp.where(diag, theta * mask, theta)
         return theta
 
     def phi_from_theta(self, theta: np.ndarray) -> np.ndarray:
@@ -116,16 +120,25 @@ class ReStructure:
         theta = np.asarray(theta, dtype=float)
         return np.where(self.diagonal, np.log(np.where(self.diagonal, theta, 1.0)), theta)
 
-    def lambda_blocks(self, theta: jnp.ndarray) -> list[jnp.ndarray]:
-        """One lower-triangular ``Q x Q`` block ``T`` per factor, from ``theta``."""
+    def lambda_blocks(self, theta) -> list:
+        """One lower-triangular ``Q x Q`` block ``T`` per factor, from ``theta``.
+
+        A numpy ``theta`` gives numpy blocks (no JAX dispatch, for results); anything else
+        gives ``jax.numpy`` blocks (inside the compiled fit).
+        """
         layout = self.theta_layout()
         blocks = []
         for f, factor in enumerate(self.factors):
             q = self.factor_q(factor)
-            idx = [i for i, (ff, _, _) in enumerate(layout) if ff == f]
+            idx = np.array([i for i, (ff, _, _) in enumerate(layout) if ff == f])
             rows = np.array([layout[i][1] for i in idx])
             cols = np.array([layout[i][2] for i in idx])
-            blocks.append(jnp.zeros((q, q), theta.dtype).at[rows, cols].set(theta[np.array(idx)]))
+            if isinstance(theta, np.ndarray):
+                T = np.zeros((q, q), theta.dtype)
+                T[rows, cols] = theta[idx]
+            else:
+                T = jnp.zeros((q, q), theta.dtype).at[rows, cols].set(theta[idx])
+            blocks.append(T)
         return blocks
 
     def theta_names(self) -> list[str]:

@@ -1,0 +1,72 @@
+"""Shared fixtures: reference cases (vendored lme4 fits) and fitted models, fitted once."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import glmm_jax as gj
+
+HERE = Path(__file__).parent
+REF_DIR = HERE / "reference"
+DATA_DIR = Path(gj.datasets.__file__).parent / "data"
+sys.path.insert(0, str(REF_DIR))
+
+from prepare import load_case  # noqa: E402  (vendored from shared/reference)
+
+#: The cases issue 2 must match (one grouping factor, binomial and Poisson).
+GLMER_CASES = [
+    "exam_logit",
+    "exam_probit",
+    "exam_slopes",
+    "cbpp_cbind",
+    "cbpp_weights",
+    "contraception_logit",
+    "contraception_slopes",
+    "salamanders_pois",
+    "mmmec_offset",
+    "sim_singular_binom",
+]
+
+
+def reference(case: str) -> dict:
+    with open(REF_DIR / f"{case}.json") as f:
+        return json.load(f)
+
+
+def case_frame(case: str):
+    return load_case(case, str(DATA_DIR), str(REF_DIR))
+
+
+_FITS: dict[str, object] = {}
+
+
+def fit_case(case: str):
+    """Fit a reference case once per test session (compilation dominates the cost)."""
+    if case not in _FITS:
+        ref = reference(case)
+        py = ref["py"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gj.SingularFitWarning)
+            _FITS[case] = gj.glmer(
+                py["formula"],
+                case_frame(case),
+                family=py["family"],
+                link=py.get("link"),
+                weights=py.get("weights"),
+            )
+    return _FITS[case]
+
+
+@pytest.fixture(scope="session")
+def exam():
+    return gj.datasets.load_exam()
+
+
+@pytest.fixture(scope="session")
+def seed_fit():
+    return fit_case("exam_logit")

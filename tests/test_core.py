@@ -1,0 +1,176 @@
+"""The compiled core: exact derivatives, batching, compilation reuse, precision."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+import glmm_jax as gj
+from glmm_jax.design import build_design, bucket
+from glmm_jax.fit import compiled_fit
+from glmm_jax.laplace import laplace_deviance, solve_modes
+from glmm_jax.optimize import Control
+
+
+def _design(formula, data, family="binomial", **kw):
+    return build_design(formula, data, gj.get_family(family), **kw)
+
+
+def _deviance_fn(design):
+    arrays = jax.tree_util.tree_map(jnp.asarray, design.arrays)
+    mask = jnp.ones(design.structure.n_theta)
+    u0 = jnp.zeros((arrays.level_mask.shape[0], arrays.Z.shape[1]))
+    inner = Control().inner
+
+    def f(x):
+        u = solve_modes(x, arrays, u0, mask, design.family, design.structure, inner)[0]
+        return laplace_deviance(x, arrays, jax.lax.stop_gradient(u), mask, design.family, design.structure)
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "formula, family, link",
+    [
+        ("success ~ schavg + (1 | school)", "binomial", "logit"),
+        ("success ~ standLRT + (standLRT | school)", "binomial", "probit"),
+        ("success ~ standLRT + (1 | school) + (0 + standLRT | school)", "binomial", "cloglog"),
+    ],
+)
+def test_gradient_and_hessian_match_finite_differences(exam, formula, family, link):
+    d = build_design(formula, exam, gj.get_family(family, link))
+    with jax.enable_x64(True):
+        f = _deviance_fn(d)
+        x = jnp.asarray(np.r_[np.linspace(-0.3, 0.4, d.p), np.linspace(-0.5, 0.2, d.structure.n_theta)])
+        f_jit, grad_jit = jax.jit(f), jax.jit(jax.grad(f))
+        g = grad_jit(x)
+        H = jax.jit(jax.hessian(f))(x)
+        h = 1e-5
+        eye = np.eye(x.size)
+        g_fd = np.array([(f_jit(x + h * e) - f_jit(x - h * e)) / (2 * h) for e in eye])
+        H_fd = np.array([(grad_jit(x + h * e) - grad_jit(x - h * e)) / (2 * h) for e in eye])
+    np.testing.assert_allclose(g, g_fd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(H, H_fd, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(H, H.T, rtol=1e-8, atol=1e-8)
+
+
+def _stacked_responses(exam, n_rep=3, seed=0):
+    """Simulated 0/1 responses on the seed design, as padded arrays in fit order."""
+    m = gj.glmer("success ~ schavg + (1 | school)", exam)
+    sims = m.simulate(n_rep, seed=seed)
+    return m, sims
+
+
+def test_vmap_and_lax_map_equal_separate_fits(exam):
+    m, sims = _stacked_responses(exam)
+    d = _design("success ~ schavg + (1 | school)", exam)
+    n = d.nobs
+    with jax.enable_x64(True):
+        arrays = jax.tree_util.tree_map(jnp.asarray, d.arrays)
+        Y = np.zeros((sims.shape[1], arrays.y.shape[0]))
+        Y[:, :n] = sims.to_numpy().T[:, d.order]
+        Y = jnp.asarray(Y)
+
+        def one(y):
+            return compiled_fit(arrays._replace(y=y), None, family=d.family, structure=d.structure, control=Control())
+
+        by_vmap = jax.vmap(one)(Y)
+        by_map = jax.lax.map(one, Y)
+    for r in range(Y.shape[0]):
+        data_r = exam.assign(success=sims.iloc[:, r].to_numpy())
+        single = gj.glmer("success ~ schavg + (1 | school)", data_r)
+        for batch in (by_vmap, by_map):
+            assert -0.5 * float(batch.deviance[r]) == pytest.approx(single.loglik, abs=1e-8)
+            beta = d.M @ np.asarray(batch.x[r, : d.p])
+            np.testing.assert_allclose(beta, single.fixef.to_numpy(), rtol=1e-6, atol=1e-8)
+
+
+def test_second_dataset_of_same_structure_does_not_recompile(exam):
+    formula = "success ~ schavg + (1 | school)"
+    gj.glmer(formula, exam)
+    # A different dataset of the same structure and bucketed sizes: 60 fewer rows, another
+    # response.
+    rng = np.random.default_rng(7)
+    other = exam.iloc[:-60].assign(success=lambda d: rng.permutation(d["success"].to_numpy()))
+    assert bucket(len(other), 64) == bucket(len(exam), 64)
+    assert other["school"].nunique() == exam["school"].nunique()
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        size_before = compiled_fit._cache_size()
+        m = gj.glmer(formula, other)
+        assert compiled_fit._cache_size() == size_before
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert m.nobs == len(other)
+
+
+def test_float64_by_default_without_touching_global_flag(seed_fit):
+    assert not jax.config.jax_enable_x64
+    assert jnp.ones(1).dtype == jnp.float32
+    assert seed_fit._design.arrays.X.dtype == np.float64
+
+
+def test_float32_option_close_to_float64(exam, seed_fit):
+    m32 = gj.glmer("success ~ schavg + (1 | school)", exam, dtype="float32")
+    assert m32._design.arrays.X.dtype == np.float32
+    assert m32.loglik == pytest.approx(seed_fit.loglik, abs=0.05)
+    np.testing.assert_allclose(m32.fixef.to_numpy(), seed_fit.fixef.to_numpy(), atol=2e-3)
+    with pytest.raises(ValueError, match="dtype"):
+        gj.glmer("success ~ schavg + (1 | school)", exam, dtype="int8")
+
+
+def test_bucket_sizes():
+    assert bucket(1, 16) == 16
+    assert bucket(4059, 64) == 4096
+    assert bucket(4097, 64) == 5120
+    for n in range(1, 5000, 37):
+        b = bucket(n, 16)
+        assert n <= b <= max(16, 1.25 * n + 1)
+
+
+def test_padding_changes_nothing(exam):
+    """Padded rows and levels carry zero weight: the deviance equals the unpadded one."""
+    d = _design("success ~ schavg + (1 | school)", exam)
+    n, G = d.nobs, len(d.levels["school"])
+    with jax.enable_x64(True):
+        x = jnp.asarray([0.1, 0.2, -0.3])
+        f_pad = _deviance_fn(d)(x)
+        a = d.arrays
+        trimmed = a._replace(
+            X=a.X[:n], y=a.y[:n], trials=a.trials[:n], weights=a.weights[:n],
+            offset=a.offset[:n], Z=a.Z[:n], group=a.group[:n], level_mask=a.level_mask[:G],
+        )
+        f_trim = _deviance_fn(d.__class__(**{**d.__dict__, "arrays": trimmed}))(x)
+    assert float(f_pad) == pytest.approx(float(f_trim), rel=1e-12)
+
+
+def test_start_values_are_used(exam, seed_fit):
+    m = gj.glmer(
+        "success ~ schavg + (1 | school)", exam,
+        start={"fixef": seed_fit.fixef.to_numpy(), "theta": seed_fit.theta},
+    )
+    assert m.loglik == pytest.approx(seed_fit.loglik, abs=1e-8)
+    assert m.fit_info.lbfgs_iterations <= 2
+    with pytest.raises(ValueError, match="start"):
+        gj.glmer("success ~ schavg + (1 | school)", exam, start={"fixef": [1.0]})
+
+
+def test_data_frame_with_integer_groups_and_bool_response():
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(30), 20)
+    x = rng.normal(size=g.size)
+    eta = -0.5 + 0.8 * x + rng.normal(size=30)[g]
+    df = pd.DataFrame({"y": rng.random(g.size) < 1 / (1 + np.exp(-eta)), "x": x, "g": g})
+    m = gj.glmer("y ~ x + (1 | g)", df)
+    assert m.converged and m.ngroups == {"g": 30}
+    assert list(m.ranef["g"].index) == list(range(30))
