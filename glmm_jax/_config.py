@@ -47,7 +47,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "glmm_jax"
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None, *, force: bool = False) -> Path | None:
+def enable_compilation_cache(
+    path: str | os.PathLike | None = None, *, force: bool = False
+) -> Path | None:
     """Turn on JAX's persistent compilation cache so compiled fits survive the process.
 
     Called automatically before the first fit. It leaves alone a cache directory the user

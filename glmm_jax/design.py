@@ -91,7 +91,11 @@ def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarra
     cats = []
     for col in group:
         s = data[col]
-        c = s.cat.remove_unused_categories() if isinstance(s.dtype, pd.CategoricalDtype) else pd.Categorical(s)
+        c = (
+            s.cat.remove_unused_categories()
+            if isinstance(s.dtype, pd.CategoricalDtype)
+            else pd.Categorical(s)
+        )
         cats.append(pd.Categorical(c))
     if len(cats) == 1:
         codes = np.asarray(cats[0].codes, dtype=np.int64)
@@ -107,7 +111,9 @@ def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarra
         for c in reversed(cats):
             parts.append(np.asarray(c.categories)[rem % len(c.categories)].astype(str))
             rem //= len(c.categories)
-        labels = pd.Index([":".join(p) for p in zip(*reversed(parts))], name=":".join(group))
+        labels = pd.Index(
+            [":".join(p) for p in zip(*reversed(parts), strict=True)], name=":".join(group)
+        )
     return codes, labels
 
 
@@ -193,16 +199,18 @@ def _fixed_matrix(spec: FormulaSpec, data: pd.DataFrame):
 
 
 def _drop_aliased(X: np.ndarray, names: list[str]):
-    """Drop columns that are linear combinations of earlier ones, with a warning (lme4 does)."""
+    """Drop columns that are linear combinations of earlier ones, with a warning (lme4 does).
+
+    Column order decides which of an aliased set survives: the earlier columns, as in lme4.
+    """
     if X.shape[1] == 0:
         return X, names, []
-    _, R, piv = scipy.linalg.qr(X, mode="economic", pivoting=True)
+    scale = np.linalg.norm(X, axis=0)
+    _, R = np.linalg.qr(X / np.where(scale > 0, scale, 1.0))
     d = np.abs(np.diag(R))
-    tol = d.max() * max(X.shape) * np.finfo(float).eps * 100 if d.size else 0
-    rank = int(np.sum(d > tol))
-    if rank == X.shape[1]:
+    keep = np.flatnonzero(d > 1e-7 * max(d.max(), 1e-300))
+    if len(keep) == X.shape[1]:
         return X, names, []
-    keep = np.sort(piv[:rank])
     dropped = [names[j] for j in range(X.shape[1]) if j not in set(keep)]
     warnings.warn(
         f"fixed-effect model matrix is rank deficient: dropping {len(dropped)} column(s): "
@@ -225,7 +233,9 @@ def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
     r = spec.response
     if r.kind == "cbind":
         if not isinstance(family, Binomial):
-            raise DataError(f"cbind() responses are only for the binomial family, not {family.name}")
+            raise DataError(
+                f"cbind() responses are only for the binomial family, not {family.name}"
+            )
         s = _evaluate(r.exprs[0], data, "cbind() successes")
         f = _evaluate(r.exprs[1], data, "cbind() failures")
         trials = s + f
@@ -234,8 +244,12 @@ def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
         return s, trials, w, ymean
     expr = r.exprs[0]
     name = expr[1:-1] if expr.startswith("`") and expr.endswith("`") else expr
-    if isinstance(family, Binomial) and name in data.columns and (
-        isinstance(data[name].dtype, pd.CategoricalDtype) or data[name].dtype in (object, bool)
+    if (
+        isinstance(family, Binomial)
+        and name in data.columns
+        and (
+            isinstance(data[name].dtype, pd.CategoricalDtype) or data[name].dtype in (object, bool)
+        )
     ):
         # A two-level factor response: the first level is failure, as in R.
         col = pd.Categorical(data[name])
@@ -390,4 +404,3 @@ def build_design(
         random_specs=random_specs,
         dropped_columns=dropped,
     )
-

@@ -34,7 +34,8 @@ Array = jnp.ndarray
 class Family:
     """Base class: a response distribution with a link.
 
-    Subclasses implement :meth:`loglik_kernel`, :meth:`loglik_const`, :meth:`variance`, :meth:`dev_resid`,
+    Subclasses implement :meth:`_kernel`, :meth:`loglik_const`, :meth:`variance`,
+    :meth:`dev_resid`,
     :meth:`mustart` and :meth:`simulate`. Instances are immutable and hashable, so they can be
     static arguments of ``jax.jit``.
     """
@@ -122,7 +123,9 @@ class Binomial(Family):
             return y * eta - trials * _softplus(eta)
         log_mu, log1m_mu = self.link.log_mu_pair(eta)
         # y * log(mu) with y = 0 must be 0 even where log(mu) is -inf (log link, mu = 0).
-        return jnp.where(y > 0, y * log_mu, 0.0) + jnp.where(trials > y, (trials - y) * log1m_mu, 0.0)
+        return jnp.where(y > 0, y * log_mu, 0.0) + jnp.where(
+            trials > y, (trials - y) * log1m_mu, 0.0
+        )
 
     def loglik_const(self, y, trials):
         return gammaln(trials + 1.0) - gammaln(y + 1.0) - gammaln(trials - y + 1.0)

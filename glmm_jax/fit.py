@@ -56,12 +56,15 @@ def fit_design(design: Design, control: Control | None = None, start=None) -> GL
     with precision(dtype):
         arrays = jax.tree_util.tree_map(jnp.asarray, design.arrays)
         x0 = None if start is None else jnp.asarray(_start_vector(design, start), dtype)
-        out = compiled_fit(arrays, x0, family=design.family, structure=design.structure, control=control)
+        out = compiled_fit(
+            arrays, x0, family=design.family, structure=design.structure, control=control
+        )
         out = jax.block_until_ready(out)
     result = GLMMResult(design, out, time.perf_counter() - t0, control)
     if result.singular:
         warnings.warn(
-            "boundary (singular) fit: a variance component is estimated as zero", SingularFitWarning,
+            "boundary (singular) fit: a variance component is estimated as zero",
+            SingularFitWarning,
             stacklevel=3,
         )
     if not result.converged:
@@ -77,7 +80,9 @@ def fit_design(design: Design, control: Control | None = None, start=None) -> GL
 def _start_vector(design: Design, start: dict) -> np.ndarray:
     p, nt = design.p, design.structure.n_theta
     beta = np.asarray(start.get("fixef", np.zeros(p)), float).reshape(-1)
-    theta = np.asarray(start.get("theta", np.ones(nt) * design.structure.diagonal), float).reshape(-1)
+    theta = np.asarray(start.get("theta", np.ones(nt) * design.structure.diagonal), float).reshape(
+        -1
+    )
     if beta.shape != (p,) or theta.shape != (nt,):
         raise ValueError(f"start needs fixef of length {p} and theta of length {nt}")
     theta = np.where(design.structure.diagonal, np.maximum(theta, 1e-4), theta)
@@ -145,4 +150,3 @@ def glmer(
     dt = resolve_dtype(dtype)
     design = build_design(formula, data, fam, weights=weights, offset=offset, dtype=dt)
     return fit_design(design, control=control, start=start)
-

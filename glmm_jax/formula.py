@@ -179,7 +179,7 @@ def _parse_group(text: str, where: str) -> list[tuple[str, ...]]:
         names = tuple(_strip_ticks(n) for n in raw)
         if any(not n for n in names):
             raise FormulaError(f"empty grouping factor name in {where}")
-        for n, r in zip(names, raw):
+        for n, r in zip(names, raw, strict=True):
             if r == n and any(c in n for c in "()+*|~ "):
                 raise FormulaError(
                     f"grouping factor {n!r} in {where} must be a column name, an interaction "
@@ -249,7 +249,9 @@ def parse_formula(formula: str) -> FormulaSpec:
     cbind = _call_args(lhs, "cbind")
     if cbind is not None:
         if len(cbind) != 2 or not all(cbind):
-            raise FormulaError(f"cbind() needs exactly two arguments (successes, failures): {lhs!r}")
+            raise FormulaError(
+                f"cbind() needs exactly two arguments (successes, failures): {lhs!r}"
+            )
         response = Response("cbind", tuple(cbind))
     else:
         response = Response("expr", (lhs,))

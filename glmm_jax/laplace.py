@@ -97,7 +97,7 @@ def _split(x, arrays: ModelArrays, structure: ReStructure, mask):
 
 
 def linear_predictor(x, u, arrays: ModelArrays, structure: ReStructure, mask):
-    """``eta`` and the rows ``T' z_i`` (as ``Z T``) at parameters ``x = (beta, phi)`` and modes ``u``."""
+    """``eta``, and the rows ``T' z_i`` (as ``Z T``), at ``x = (beta, phi)`` and modes ``u``."""
     beta, T = _split(x, arrays, structure, mask)
     ZT = arrays.Z @ T
     eta = arrays.X @ beta + arrays.offset + jnp.sum(ZT * u[arrays.group], axis=1)
@@ -138,7 +138,7 @@ def _penalized_by_level(x, u, arrays, mask, family, structure):
 
 
 def solve_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
-    """Conditional modes ``u*`` by damped Newton from ``u0``; returns ``(u*, iterations, converged)``.
+    """Conditional modes ``u*`` by damped Newton from ``u0``: ``(u*, iterations, converged)``.
 
     Not differentiable (the iteration is never differentiated): use :func:`implicit_modes` to
     attach derivatives to the converged modes.
@@ -181,7 +181,9 @@ def solve_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
         return u + step[:, None] * delta, h, it + 1, done
 
     u0 = jax.lax.stop_gradient(u0)
-    u, _, it, done = jax.lax.while_loop(cond, body, (u0, penalized(u0), jnp.int32(0), jnp.array(False)))
+    u, _, it, done = jax.lax.while_loop(
+        cond, body, (u0, penalized(u0), jnp.int32(0), jnp.array(False))
+    )
     return u, it, done
 
 
@@ -259,7 +261,9 @@ def deviance_and_modes(x, arrays, u0, mask, family, structure, control: InnerCon
 
 
 def conditional_variances(x, u, arrays, mask, family, structure):
-    """Conditional covariance of ``b_g = T u_g``: ``T (T' Z_g' W Z_g T + I)^{-1} T'``, ``(G, Q, Q)``.
+    """Conditional covariance of ``b_g = T u_g``: ``T (T' Z_g' W Z_g T + I)^{-1} T'``.
+
+    Shape ``(G, Q, Q)``.
 
     This is lme4's ``condVar``: the inverse of the Laplace Hessian, mapped to the ``b`` scale.
     """

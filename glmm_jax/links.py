@@ -95,7 +95,8 @@ def _probit_dpair(eta):
 
 def _cloglog_dpair(eta):
     e = jnp.exp(jnp.minimum(eta, 700.0))
-    return e / jnp.expm1(e), -e
+    # e / expm1(e), written so that no derivative of it forms inf / inf for large e.
+    return e * jnp.exp(-e) / -jnp.expm1(-e), -e
 
 
 def _cloglog_pair(eta):

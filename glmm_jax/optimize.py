@@ -199,7 +199,8 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
     traced once: optax's L-BFGS direction while the deviance falls fast, then Newton steps with
     the exact Hessian (eigenvalues flipped and floored so every step descends). Coordinates in
     ``watch`` are log standard deviations: if Newton drives one below ``log(singular_tol)``
-    (where lme4 calls a fit singular) the loop stops with status ``_BOUNDARY``, leaving the variance to the boundary stage.
+    (where lme4 calls a fit singular) the loop stops with status ``_BOUNDARY``, leaving the
+    variance to the boundary stage.
 
     Returns ``(x, u, deviance, grad, hessian, lbfgs_its, newton_its, evaluations, status)``, with
     the gradient and Hessian at the returned ``x`` (fixed coordinates zeroed) unless an
@@ -265,8 +266,17 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
     z = jnp.zeros((), x0.dtype)
     newton0 = ~allow_lbfgs | (control.lbfgs_maxiter == 0)
     state = (
-        x0, u0, opt.init(x0), newton0, jnp.int32(0), jnp.int32(0), jnp.int32(0),
-        z, jnp.zeros(n, x0.dtype), jnp.zeros((n, n), x0.dtype), jnp.where(skip, _SKIP, _RUNNING),
+        x0,
+        u0,
+        opt.init(x0),
+        newton0,
+        jnp.int32(0),
+        jnp.int32(0),
+        jnp.int32(0),
+        z,
+        jnp.zeros(n, x0.dtype),
+        jnp.zeros((n, n), x0.dtype),
+        jnp.where(skip, _SKIP, _RUNNING),
     )
     x, u, _, _, it_l, it_n, evals, v, g, H, status = jax.lax.while_loop(cond, body, state)
     return x, u, v, g, H, it_l, it_n, evals, status
@@ -345,6 +355,15 @@ def fit_arrays(
     condvar = conditional_variances(x, u, arrays, mask, family, structure)
     v = v + deviance_constant(arrays, family)
     return FitOutput(
-        x, u, mask, v, g, H, status, its_l[0] + its_l[1], its_n[0] + its_n[1], jnp.sum(evals),
+        x,
+        u,
+        mask,
+        v,
+        g,
+        H,
+        status,
+        its_l[0] + its_l[1],
+        its_n[0] + its_n[1],
+        jnp.sum(evals),
         condvar,
     )

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from .design import Design, DataError, _evaluate, _lme4_name
+from ._config import precision
+from .design import DataError, Design, _evaluate, _lme4_name
 from .families import Binomial
 from .optimize import FitOutput, Status
 
@@ -54,6 +55,12 @@ class FitInfo:
     evaluations: int
     gradient_norm: float
     seconds: float
+
+
+def _np(fn, *args) -> np.ndarray:
+    """Call a family/link function (jax.numpy) in float64 and return a numpy array."""
+    with precision():
+        return np.asarray(fn(*(np.asarray(a, dtype=float) for a in args)))
 
 
 def _signif_stars(p: float) -> str:
@@ -103,7 +110,9 @@ class GLMMResult:
     fit_info : FitInfo
     """
 
-    def __init__(self, design: Design, out: FitOutput, seconds: float, control, data_name: str = "data"):
+    def __init__(
+        self, design: Design, out: FitOutput, seconds: float, control, data_name: str = "data"
+    ):
         out = FitOutput(*(np.asarray(a) for a in out))
         self._design = design
         self._out = out
@@ -200,7 +209,10 @@ class GLMMResult:
         return self._condvar
 
     def ranef_frame(self) -> pd.DataFrame:
-        """Tidy conditional modes: grpvar, term, grp, condval, condsd (``as.data.frame(ranef(m))``)."""
+        """Tidy conditional modes, as ``as.data.frame(ranef(m))``.
+
+        Columns grpvar, term, grp, condval, condsd.
+        """
         frames = []
         for factor, modes in self.ranef.items():
             sds = self.ranef_sd[factor]
@@ -233,7 +245,9 @@ class GLMMResult:
         out[d.order] = eta
         return out
 
-    def _eta_new(self, newdata: pd.DataFrame, with_random: bool, allow_new_levels: bool) -> np.ndarray:
+    def _eta_new(
+        self, newdata: pd.DataFrame, with_random: bool, allow_new_levels: bool
+    ) -> np.ndarray:
         d = self._design
         if not isinstance(newdata, pd.DataFrame):
             raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
@@ -297,7 +311,9 @@ class GLMMResult:
         """
         if type not in ("link", "response"):
             raise ValueError(f"type must be 'link' or 'response', got {type!r}")
-        with_random = re_form is None or (isinstance(re_form, str) and re_form.strip() not in ("~0", "NA", "~ 0"))
+        with_random = re_form is None or (
+            isinstance(re_form, str) and re_form.strip() not in ("~0", "NA", "~ 0")
+        )
         if re_form is False:
             with_random = False
         if newdata is None:
@@ -306,7 +322,7 @@ class GLMMResult:
             eta = self._eta_new(newdata, with_random, allow_new_levels)
         if type == "link":
             return eta
-        return np.asarray(self.family.link.linkinv(eta))
+        return _np(self.family.link.linkinv, eta)
 
     def fitted(self) -> np.ndarray:
         """Fitted means (probabilities for the binomial), random effects included."""
@@ -317,21 +333,23 @@ class GLMMResult:
         ``"working"``, as R's ``residuals.glmResp``."""
         d = self._design
         eta = self._eta_fit(True)
-        mu = np.asarray(self.family.link.linkinv(eta))
+        mu = _np(self.family.link.linkinv, eta)
         y = d.y_mean
         if type == "response":
             return y - mu
         if type == "working":
-            return (y - mu) / np.asarray(self.family.link.mu_eta(eta))
+            return (y - mu) / _np(self.family.link.mu_eta, eta)
         # On the proportion scale a binomial observation weighs as its number of trials.
         wt = d.prior_weights * (d.trials if isinstance(self.family, Binomial) else 1.0)
         if type == "pearson":
-            return (y - mu) * np.sqrt(wt) / np.sqrt(np.asarray(self.family.variance(mu)))
+            return (y - mu) * np.sqrt(wt) / np.sqrt(_np(self.family.variance, mu))
         if type == "deviance":
             counts = y * d.trials
-            dr = np.asarray(self.family.dev_resid(counts, d.trials, mu)) * d.prior_weights
+            dr = _np(self.family.dev_resid, counts, d.trials, mu) * d.prior_weights
             return np.sign(y - mu) * np.sqrt(np.maximum(dr, 0.0))
-        raise ValueError(f"unknown residual type {type!r}; use deviance, pearson, response or working")
+        raise ValueError(
+            f"unknown residual type {type!r}; use deviance, pearson, response or working"
+        )
 
     def simulate(self, nsim: int = 1, seed: int | None = None) -> pd.DataFrame:
         """Simulate responses from the fitted model with new random effects (lme4's default).
@@ -341,8 +359,6 @@ class GLMMResult:
         ``cbind`` responses, counts for the Poisson.
         """
         import jax
-
-        from ._config import precision
 
         d = self._design
         (factor,) = d.structure.factors
@@ -367,7 +383,9 @@ class GLMMResult:
                 if isinstance(self.family, Binomial) and d.spec.response.kind != "cbind":
                     y = y / d.trials
                 sims.append(y)
-        return pd.DataFrame(np.column_stack(sims), index=d.index, columns=[f"sim_{i + 1}" for i in range(nsim)])
+        return pd.DataFrame(
+            np.column_stack(sims), index=d.index, columns=[f"sim_{i + 1}" for i in range(nsim)]
+        )
 
     # ---------------------------------------------------------------- printing
     def coef_table(self) -> pd.DataFrame:
@@ -458,7 +476,15 @@ class Summary:
     def _fit_stats(self) -> pd.DataFrame:
         r = self.result
         return pd.DataFrame(
-            [[f"{r.aic:.1f}", f"{r.bic:.1f}", f"{r.loglik:.1f}", f"{r.deviance:.1f}", str(r.df_resid)]],
+            [
+                [
+                    f"{r.aic:.1f}",
+                    f"{r.bic:.1f}",
+                    f"{r.loglik:.1f}",
+                    f"{r.deviance:.1f}",
+                    str(r.df_resid),
+                ]
+            ],
             columns=["AIC", "BIC", "logLik", "deviance", "df.resid"],
         )
 

@@ -86,7 +86,7 @@ class ReStructure:
         return sum(t.n_theta for t in self.terms)
 
     def theta_layout(self) -> list[tuple[int, int, int]]:
-        """For each theta entry, ``(factor index, row, col)`` inside the factor's ``Q x Q`` block."""
+        """For each theta entry: ``(factor index, row, col)`` in the factor's ``Q x Q`` block."""
         offsets = dict.fromkeys(self.factors, 0)
         layout = []
         for term in self.terms:
@@ -142,7 +142,7 @@ class ReStructure:
         return blocks
 
     def theta_names(self) -> list[str]:
-        """lme4's names for theta entries: ``school.(Intercept)``, ``school.standLRT.(Intercept)``."""
+        """lme4's names of the theta entries (``school.(Intercept)``, ``school.x.(Intercept)``)."""
         names = []
         for term in self.terms:
             for col in range(term.q):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import glmm_jax as gj
-from glmm_jax.design import build_design, bucket
+from glmm_jax.design import bucket, build_design
 from glmm_jax.fit import compiled_fit
 from glmm_jax.laplace import laplace_deviance, solve_modes
 from glmm_jax.optimize import Control
@@ -27,7 +27,9 @@ def _deviance_fn(design):
 
     def f(x):
         u = solve_modes(x, arrays, u0, mask, design.family, design.structure, inner)[0]
-        return laplace_deviance(x, arrays, jax.lax.stop_gradient(u), mask, design.family, design.structure)
+        return laplace_deviance(
+            x, arrays, jax.lax.stop_gradient(u), mask, design.family, design.structure
+        )
 
     return f
 
@@ -44,7 +46,9 @@ def test_gradient_and_hessian_match_finite_differences(exam, formula, family, li
     d = build_design(formula, exam, gj.get_family(family, link))
     with jax.enable_x64(True):
         f = _deviance_fn(d)
-        x = jnp.asarray(np.r_[np.linspace(-0.3, 0.4, d.p), np.linspace(-0.5, 0.2, d.structure.n_theta)])
+        x = jnp.asarray(
+            np.r_[np.linspace(-0.3, 0.4, d.p), np.linspace(-0.5, 0.2, d.structure.n_theta)]
+        )
         f_jit, grad_jit = jax.jit(f), jax.jit(jax.grad(f))
         g = grad_jit(x)
         H = jax.jit(jax.hessian(f))(x)
@@ -75,7 +79,13 @@ def test_vmap_and_lax_map_equal_separate_fits(exam):
         Y = jnp.asarray(Y)
 
         def one(y):
-            return compiled_fit(arrays._replace(y=y), None, family=d.family, structure=d.structure, control=Control())
+            return compiled_fit(
+                arrays._replace(y=y),
+                None,
+                family=d.family,
+                structure=d.structure,
+                control=Control(),
+            )
 
         by_vmap = jax.vmap(one)(Y)
         by_map = jax.lax.map(one, Y)
@@ -147,8 +157,14 @@ def test_padding_changes_nothing(exam):
         f_pad = _deviance_fn(d)(x)
         a = d.arrays
         trimmed = a._replace(
-            X=a.X[:n], y=a.y[:n], trials=a.trials[:n], weights=a.weights[:n],
-            offset=a.offset[:n], Z=a.Z[:n], group=a.group[:n], level_mask=a.level_mask[:G],
+            X=a.X[:n],
+            y=a.y[:n],
+            trials=a.trials[:n],
+            weights=a.weights[:n],
+            offset=a.offset[:n],
+            Z=a.Z[:n],
+            group=a.group[:n],
+            level_mask=a.level_mask[:G],
         )
         f_trim = _deviance_fn(d.__class__(**{**d.__dict__, "arrays": trimmed}))(x)
     assert float(f_pad) == pytest.approx(float(f_trim), rel=1e-12)
@@ -156,7 +172,8 @@ def test_padding_changes_nothing(exam):
 
 def test_start_values_are_used(exam, seed_fit):
     m = gj.glmer(
-        "success ~ schavg + (1 | school)", exam,
+        "success ~ schavg + (1 | school)",
+        exam,
         start={"fixef": seed_fit.fixef.to_numpy(), "theta": seed_fit.theta},
     )
     assert m.loglik == pytest.approx(seed_fit.loglik, abs=1e-8)

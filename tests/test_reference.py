@@ -50,7 +50,9 @@ def test_fixed_effects_and_standard_errors(case):
     assert [r_name(n) for n in m.fixef.index] == [n.replace(" ", "") for n in ref["fixef_names"]]
     np.testing.assert_array_less(np.abs(m.fixef.to_numpy() - ref["fixef"]) / se_ref, tol)
     np.testing.assert_allclose(m.se.to_numpy(), se_ref, rtol=0.02)
-    np.testing.assert_allclose(m.vcov.to_numpy(), np.asarray(ref["vcov_fixef"]), rtol=0.05, atol=1e-3 * se_ref.max() ** 2)
+    np.testing.assert_allclose(
+        m.vcov.to_numpy(), np.asarray(ref["vcov_fixef"]), rtol=0.05, atol=1e-3 * se_ref.max() ** 2
+    )
 
 
 @pytest.mark.parametrize("case", GLMER_CASES)
@@ -60,7 +62,7 @@ def test_variance_components(case):
     np.testing.assert_allclose(m.theta, theta, atol=2e-3 if _warned(ref) else 1e-3)
     assert m.singular == ref["singular"]
     vc = m.varcorr
-    for row, r in zip(vc.itertuples(), ref["varcorr"]):
+    for row, r in zip(vc.itertuples(), ref["varcorr"], strict=True):
         assert row.grp == r["grp"]
         assert r_name(row.var1) == r["var1"]
         assert row.vcov == pytest.approx(r["vcov"], abs=2e-3)

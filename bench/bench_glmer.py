@@ -1,0 +1,209 @@
+"""Speed of glmer against the PyPI ``glmm`` package (Rust) and lme4, measured in the same run.
+
+    python bench/bench_glmer.py            # all cases
+    python bench/bench_glmer.py --quick    # skip the 10^6-row case
+    python bench/bench_glmer.py --record   # also append the table to bench/RESULTS.md
+
+Each case times warm fits (compilation excluded for glmm_jax: the first fit is discarded), takes
+the median of several repeats, and reports the ratio ``peer / glmm_jax`` (above 1: glmm_jax is
+faster), with the log-likelihood difference to show both reached the same optimum. The
+fresh-process rows time ``python -c "glmer(seed model)"`` end to end, with an empty and with a
+warm persistent compilation cache. lme4 runs through ``Rscript`` when it is installed
+(``apt-get install r-cran-lme4``); otherwise the table says it was not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import glmm_jax as gj
+
+HERE = Path(__file__).parent
+SEED = "success ~ schavg + (1 | school)"
+
+
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def simulated_logit(n: int, groups: int, seed: int = 42) -> pd.DataFrame:
+    """Random-intercept logit: y ~ x + (1 | g), sd of the intercepts 0.7."""
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, groups, n)
+    x = rng.normal(size=n)
+    eta = -0.3 + 0.5 * x + rng.normal(scale=0.7, size=groups)[g]
+    y = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(float)
+    return pd.DataFrame({"y": y, "x": x, "g": g})
+
+
+def glmm_fit(df, formula):
+    try:
+        import glmm
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return glmm.fit(df, formula, family="binomial")
+
+
+def lme4_seconds(csv: Path, formula: str, repeats: int) -> tuple[float, float] | None:
+    """Median lme4 fit time and loglik via Rscript, or None without R/lme4."""
+    if shutil.which("Rscript") is None:
+        return None
+    script = f"""
+suppressMessages(library(lme4))
+d <- read.csv("{csv}")
+for (v in c("school", "g")) if (v %in% names(d)) d[[v]] <- factor(d[[v]])
+f <- {formula}
+m <- glmer(f, data = d, family = binomial)
+t <- replicate({repeats}, system.time(glmer(f, data = d, family = binomial))[["elapsed"]])
+cat(median(t), as.numeric(logLik(m)), "\\n")
+"""
+    res = subprocess.run(["Rscript", "-e", script], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    sec, ll = res.stdout.split()[-2:]
+    return float(sec), float(ll)
+
+
+def case(name, df, formula, repeats, rows, lme4_repeats=0):
+    gj.glmer(formula, df)  # compile (or load from the persistent cache)
+    t_ours, m = median_time(lambda: gj.glmer(formula, df), repeats)
+    row = {"case": name, "glmm_jax_s": t_ours, "loglik": m.loglik}
+    if glmm_fit(df, formula) is not None:
+        t_peer, f = median_time(lambda: glmm_fit(df, formula), repeats)
+        row.update(glmm_s=t_peer, ratio_glmm=t_peer / t_ours, dll_glmm=m.loglik - f.loglik)
+    if lme4_repeats:
+        with tempfile.TemporaryDirectory() as tmp:
+            csv = Path(tmp) / "d.csv"
+            df.to_csv(csv, index=False)
+            r = lme4_seconds(csv, formula, lme4_repeats)
+        if r is not None:
+            row.update(lme4_s=r[0], ratio_lme4=r[0] / t_ours, dll_lme4=m.loglik - r[1])
+    rows.append(row)
+    print(_fmt_row(row), flush=True)
+
+
+def fresh_process(rows, repeats: int):
+    code = (
+        "import time; t=time.perf_counter(); import glmm_jax as gj; "
+        f"gj.glmer({SEED!r}, gj.datasets.load_exam()); print(time.perf_counter()-t)"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "GLMM_JAX_CACHE_DIR": cache}
+        cold, warm = [], []
+        for _ in range(repeats):
+            shutil.rmtree(cache, ignore_errors=True)
+            os.makedirs(cache)
+            cold.append(float(subprocess.check_output([sys.executable, "-c", code], env=env)))
+            warm.append(float(subprocess.check_output([sys.executable, "-c", code], env=env)))
+    for name, ts in (
+        ("first fit, fresh process, empty cache", cold),
+        ("first fit, fresh process, warm cache", warm),
+    ):
+        row = {"case": name, "glmm_jax_s": statistics.median(ts)}
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def _fmt_row(r) -> str:
+    return (
+        f"| {r['case']} | {_fmt(r.get('glmm_jax_s'), '.4f')} | {_fmt(r.get('glmm_s'), '.4f')} | "
+        f"{_fmt(r.get('ratio_glmm'), '.2f')} | {_fmt(r.get('dll_glmm'), '+.1e')} | "
+        f"{_fmt(r.get('lme4_s'), '.3f')} | {_fmt(r.get('ratio_lme4'), '.1f')} |"
+    )
+
+
+HEADER = (
+    "| case | glmm_jax s | glmm s | glmm / glmm_jax | loglik - glmm's "
+    "| lme4 s | lme4 / glmm_jax |\n"
+    "| --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="skip the 10^6-row case")
+    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    has_r = shutil.which("Rscript") is not None
+    try:
+        import glmm  # noqa: F401
+
+        has_glmm = True
+    except ImportError:
+        has_glmm = False
+    info = (
+        f"{datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores | "
+        f"jax {jax.__version__} on {jax.default_backend()} | glmm_jax {gj.__version__} | "
+        f"peer glmm {'installed' if has_glmm else 'NOT installed (pip install glmm)'} | "
+        f"lme4 {'via Rscript' if has_r else 'not measured: Rscript not found'}"
+    )
+    print(info)
+    print(HEADER)
+    rows: list[dict] = []
+    case(
+        "seed model, Exam (4,059 rows, 65 schools), warm",
+        gj.datasets.load_exam(),
+        SEED,
+        15,
+        rows,
+        5,
+    )
+    case(
+        "random-intercept logit, 10^5 rows, 10^3 groups, warm",
+        simulated_logit(10**5, 10**3),
+        "y ~ x + (1 | g)",
+        5,
+        rows,
+        3,
+    )
+    if not args.quick:
+        case(
+            "random-intercept logit, 10^6 rows, 10^4 groups, warm",
+            simulated_logit(10**6, 10**4),
+            "y ~ x + (1 | g)",
+            3,
+            rows,
+        )
+    fresh_process(rows, 3)
+    if args.record:
+        with open(HERE / "RESULTS.md", "a") as f:
+            f.write(
+                f"\n### {info}\n\n"
+                f"`python bench/bench_glmer.py{' --quick' if args.quick else ''}`\n\n"
+            )
+            f.write(HEADER + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
