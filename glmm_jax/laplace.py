@@ -130,60 +130,69 @@ def _block_hessian(w, ZT, arrays: ModelArrays):
     return _segsum(outer, arrays) + jnp.eye(q, dtype=ZT.dtype)
 
 
-def _penalized_by_level(x, u, arrays, mask, family, structure):
-    """``-sum_{i in g} w_i log p(y_i) + |u_g|^2 / 2`` for each level ``g``."""
-    eta, _ = linear_predictor(x, u, arrays, structure, mask)
-    ll = arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta)
-    return -_segsum(ll, arrays) + 0.5 * jnp.sum(u**2, axis=1)
-
-
 def solve_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
     """Conditional modes ``u*`` by damped Newton from ``u0``: ``(u*, iterations, converged)``.
 
-    Not differentiable (the iteration is never differentiated): use :func:`implicit_modes` to
-    attach derivatives to the converged modes.
+    Each trial point costs one pass over the data: the log-density, score and curvature come
+    from one elementwise evaluation, and every per-level sum (objective, gradient, Hessian) from
+    one stacked segment sum; an accepted trial's sums are the next Newton step's inputs. Not
+    differentiable (the iteration is never differentiated): :func:`implicit_modes` attaches
+    the derivatives of the converged modes.
     """
+    beta, T = _split(x, arrays, structure, mask)
+    # Loop invariants, hoisted by hand: XLA does not move them out of the while loop.
+    eta_fixed = arrays.X @ beta + arrays.offset
+    ZT = arrays.Z @ T
+    q = ZT.shape[1]
+    outer = (ZT[:, :, None] * ZT[:, None, :]).reshape(-1, q * q)
+    eye = jnp.eye(q, dtype=ZT.dtype)
 
-    def penalized(u):
-        return _penalized_by_level(x, u, arrays, mask, family, structure)
+    def at(u):
+        """Per-level objective, gradient and Newton Hessian at modes ``u``."""
+        eta = eta_fixed + jnp.sum(ZT * u[arrays.group], axis=1)
+        ll, d1, d2 = family.kernel_score_curvature(arrays.y, arrays.trials, eta)
+        w = arrays.weights
+        # Observed information, floored at 0 so every block stays positive definite (it can be
+        # negative in the tails of non-log-concave links such as cauchit).
+        info = w * jnp.maximum(-d2, 0.0)
+        stacked = jnp.concatenate(
+            [(w * ll)[:, None], (w * d1)[:, None] * ZT, info[:, None] * outer], axis=1
+        )
+        S = _segsum(stacked, arrays)
+        h = -S[:, 0] + 0.5 * jnp.sum(u**2, axis=1)
+        grad = u - S[:, 1 : 1 + q]
+        H = S[:, 1 + q :].reshape(-1, q, q) + eye
+        return h, grad, H
 
     def cond(state):
-        _, _, it, done = state
+        *_, it, done = state
         return (it < control.maxiter) & ~done
 
     def body(state):
-        u, h0, it, _ = state
-        eta, ZT = linear_predictor(x, u, arrays, structure, mask)
-        _, d1, d2 = _loglik_terms(family, arrays, eta)
-        grad = u - _segsum(d1[:, None] * ZT, arrays)
-        # Observed information, floored at 0 so every block stays positive definite (it can be
-        # negative in the tails of non-log-concave links such as cauchit).
-        H = _block_hessian(jnp.maximum(-d2, 0.0), ZT, arrays)
+        u, h0, grad, H, it, _ = state
         delta = -chol_solve(chol(H), grad)
         slack = 1e-12 * (1.0 + jnp.abs(h0))
 
-        # Step-halving level by level (the objective separates over levels). The objective at
-        # the accepted step is carried to the next iteration rather than recomputed.
+        # Step-halving level by level (the objective separates over levels).
         def halve_cond(s):
-            _, _, k, worse = s
+            *_, k, worse = s
             return (k < control.max_halvings) & jnp.any(worse)
 
         def halve_body(s):
-            step, h, k, worse = s
+            step, _, _, _, k, worse = s
             step = jnp.where(worse, 0.5 * step, step)
-            h = penalized(u + step[:, None] * delta)
-            return step, h, k + 1, ~(h <= h0 + slack)
+            h, g, Hn = at(u + step[:, None] * delta)
+            return step, h, g, Hn, k + 1, ~(h <= h0 + slack)
 
-        h1 = penalized(u + delta)
-        init = (jnp.ones_like(h0), h1, 0, ~(h1 <= h0 + slack))
-        step, h, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
+        ones = jnp.ones_like(h0)
+        init = (2.0 * ones, h0, grad, H, 0, ones > 0)
+        step, h, grad, H, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
         done = jnp.max(jnp.abs(delta)) < control.tol
-        return u + step[:, None] * delta, h, it + 1, done
+        return u + step[:, None] * delta, h, grad, H, it + 1, done
 
     u0 = jax.lax.stop_gradient(u0)
-    u, _, it, done = jax.lax.while_loop(
-        cond, body, (u0, penalized(u0), jnp.int32(0), jnp.array(False))
-    )
+    state = (u0, *at(u0), jnp.int32(0), jnp.array(False))
+    u, _, _, _, it, done = jax.lax.while_loop(cond, body, state)
     return u, it, done
 
 
@@ -209,13 +218,12 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
 
     def stationarity(xx):
         eta, ZT = linear_predictor(xx, u, arrays, structure, mask)
-        _, d1, _ = _loglik_terms(family, arrays, eta)
-        return u - _segsum(d1[:, None] * ZT, arrays)
+        _, d1, d2 = _loglik_terms(family, arrays, eta)
+        # The observed Hessian block rides along as auxiliary output: eta and the score's
+        # derivative are computed once for both.
+        return u - _segsum(d1[:, None] * ZT, arrays), _block_hessian(-d2, ZT, arrays)
 
-    _, dF = jax.jvp(stationarity, (x,), (dx,))
-    eta, ZT = linear_predictor(x, u, arrays, structure, mask)
-    _, _, d2 = _loglik_terms(family, arrays, eta)
-    H = _block_hessian(-d2, ZT, arrays)
+    _, dF, H = jax.jvp(stationarity, (x,), (dx,), has_aux=True)
     return u, -chol_solve(chol(H), dF)
 
 

@@ -233,7 +233,12 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
         d = jnp.where(free, jnp.where(newton, d_newton, d_lbfgs), 0.0)
 
         converged = newton & (-jnp.dot(g, d) < control.newton_tol)
-        alpha, v_new, u_new, accepted, k = _backtrack(value, x, u, v, g, d)
+        # A converged step needs no line search (under vmap both branches run, harmlessly).
+        alpha, v_new, u_new, accepted, k = jax.lax.cond(
+            converged,
+            lambda: (jnp.asarray(0.0, x.dtype), v, u, jnp.array(True), 0),
+            lambda: _backtrack(value, x, u, v, g, d),
+        )
         move = accepted & ~converged
         x_new = jnp.where(move, x + alpha * d, x)
         # Leave L-BFGS for Newton once its progress slows (or its step fails).
