@@ -192,10 +192,54 @@ def _vector_arg(value, data: pd.DataFrame, name: str) -> np.ndarray | None:
     return arr
 
 
+@dataclasses.dataclass(frozen=True)
+class NumericColumns:
+    """A fixed part made only of numeric columns (``x + z``, ``0 + x``), built without formulaic.
+
+    Gives the matrix formulaic would, in microseconds instead of milliseconds; it offers the
+    two members of formulaic's ``ModelSpec`` that prediction uses.
+    """
+
+    intercept: bool
+    columns: tuple[str, ...]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return (("Intercept",) if self.intercept else ()) + self.columns
+
+    def get_model_matrix(self, data: pd.DataFrame, na_action=None) -> pd.DataFrame:
+        cols = [np.ones(len(data))] if self.intercept else []
+        cols += [np.asarray(data[c], dtype=float) for c in self.columns]
+        values = np.column_stack(cols) if cols else np.zeros((len(data), 0))
+        return pd.DataFrame(values, columns=list(self.column_names), index=data.index)
+
+    @classmethod
+    def match(cls, rhs: str, data: pd.DataFrame) -> NumericColumns | None:
+        """The spec for ``rhs`` if it is ``[0 +|1 +] col + col ...`` of numeric columns."""
+        if "-" in rhs:
+            return None
+        terms = [t.strip() for t in rhs.split("+")]
+        columns = tuple(t for t in terms if t not in ("0", "1"))
+        for c in columns:
+            if not c.isidentifier() or c not in data.columns:
+                return None
+            dtype = data[c].dtype
+            if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
+                return None
+        if len(set(columns)) != len(columns):
+            return None
+        return cls(intercept="0" not in terms, columns=columns)
+
+
 def _fixed_matrix(spec: FormulaSpec, data: pd.DataFrame):
-    mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
+    simple = NumericColumns.match(spec.fixed, data)
+    if simple is not None:
+        mm, model_spec = simple.get_model_matrix(data), simple
+    else:
+        mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
+        model_spec = mm.model_spec
     names = [_lme4_name(c) for c in mm.columns]
-    return np.asarray(mm, dtype=float), names, mm.model_spec
+    return np.asarray(mm, dtype=float), names, model_spec
 
 
 def _drop_aliased(X: np.ndarray, names: list[str]):
@@ -319,7 +363,9 @@ def build_design(
     w_all = _vector_arg(weights, data, "weights")
     off_all = _vector_arg(offset, data, "offset")
 
-    complete = np.array(data[used].notna().all(axis=1), dtype=bool)
+    complete = np.ones(len(data), dtype=bool)
+    for col in used:
+        complete &= data[col].notna().to_numpy()
     for vec in (w_all, off_all):
         if vec is not None:
             complete &= np.isfinite(vec)
@@ -329,7 +375,8 @@ def build_design(
             f"dropped {n_dropped} of {len(data)} rows with missing values in the model's columns",
             stacklevel=3,
         )
-    df = data.loc[complete, used] if n_dropped else data[used]
+    # Read-only from here on: the full frame when nothing was dropped (no copy).
+    df = data.loc[complete, used] if n_dropped else data
     if len(df) == 0:
         raise DataError("no complete rows left to fit the model")
     w = None if w_all is None else w_all[complete]

@@ -7,6 +7,7 @@ pickles, prints and predicts without holding device memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import math
 
@@ -166,27 +167,39 @@ class GLMMResult:
             gradient_norm=float(np.max(np.abs(g))) if g.size else 0.0,
             seconds=seconds,
         )
-        self._ranef_and_varcorr()
 
     # ---------------------------------------------------------------- random effects
     def _blocks(self):
         return [np.asarray(T) for T in self._design.structure.lambda_blocks(self.theta)]
 
-    def _ranef_and_varcorr(self):
+    @functools.cached_property
+    def ranef(self) -> dict[str, pd.DataFrame]:
+        """Grouping factor -> conditional modes ``b`` (levels x terms), lme4's ``ranef``."""
         d = self._design
-        structure = d.structure
+        (T,) = self._blocks()
+        (factor,) = d.structure.factors
+        levels = d.levels[factor]
+        b = self._out.u[: len(levels)] @ T.T
+        return {
+            factor: pd.DataFrame(b, index=levels, columns=list(d.structure.factor_names(factor)))
+        }
+
+    @functools.cached_property
+    def ranef_sd(self) -> dict[str, pd.DataFrame]:
+        """Grouping factor -> conditional standard deviations of the modes."""
+        out = {}
+        for factor, modes in self.ranef.items():
+            V = self.condvar[factor]
+            sd = np.sqrt(np.maximum(np.diagonal(V, axis1=1, axis2=2), 0.0))
+            out[factor] = pd.DataFrame(sd, index=modes.index, columns=modes.columns)
+        return out
+
+    @functools.cached_property
+    def varcorr(self) -> pd.DataFrame:
+        """Variances, covariances, sds and correlations: lme4's ``as.data.frame(VarCorr(m))``."""
+        structure = self._design.structure
         (T,) = self._blocks()
         (factor,) = structure.factors
-        levels = d.levels[factor]
-        G = len(levels)
-        u = self._out.u[:G]
-        b = u @ T.T
-        cols = list(structure.factor_names(factor))
-        self.ranef = {factor: pd.DataFrame(b, index=levels, columns=cols)}
-        self._condvar = {factor: self._out.condvar[:G]}
-        sd = np.sqrt(np.maximum(np.diagonal(self._condvar[factor], axis1=1, axis2=2), 0.0))
-        self.ranef_sd = {factor: pd.DataFrame(sd, index=levels, columns=cols)}
-
         rows = []
         offset = 0
         for term in structure.factor_terms(factor):
@@ -201,12 +214,13 @@ class GLMMResult:
                     corr = S[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
                     rows.append((term.group, term.names[j], term.names[i], S[i, j], corr))
             offset += q
-        self.varcorr = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
     @property
     def condvar(self) -> dict[str, np.ndarray]:
         """Grouping factor -> conditional covariance of each level's effects, ``(G, Q, Q)``."""
-        return self._condvar
+        (factor,) = self._design.structure.factors
+        return {factor: self._out.condvar[: len(self._design.levels[factor])]}
 
     def ranef_frame(self) -> pd.DataFrame:
         """Tidy conditional modes, as ``as.data.frame(ranef(m))``.

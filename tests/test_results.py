@@ -219,3 +219,24 @@ def test_aliased_column_is_dropped_with_warning(exam):
     assert any("schavg2" in str(w.message) for w in caught)
     assert list(m.fixef.index) == ["(Intercept)", "schavg"]
     assert m.loglik == pytest.approx(gj.glmer(SEED, exam).loglik, abs=1e-6)
+
+
+def test_numeric_fast_path_matches_formulaic(exam):
+    """Fixed parts of plain numeric columns skip formulaic; the matrix and predictions agree."""
+    import formulaic
+
+    from glmm_jax.design import NumericColumns
+
+    for rhs in ("schavg", "0 + schavg + standLRT", "1 + standLRT"):
+        fast = NumericColumns.match(rhs, exam)
+        assert fast is not None
+        slow = formulaic.model_matrix(rhs, exam)
+        pd.testing.assert_frame_equal(
+            fast.get_model_matrix(exam),
+            pd.DataFrame(np.asarray(slow), columns=slow.columns, index=exam.index),
+        )
+    for rhs in ("sex", "schavg - 1", "I(schavg**2)", "schavg:standLRT"):
+        assert NumericColumns.match(rhs, exam) is None
+    m = gj.glmer("success ~ 0 + schavg + standLRT + (1 | school)", exam)
+    X = exam[["schavg", "standLRT"]].to_numpy()
+    np.testing.assert_allclose(m.predict(exam.head(), re_form="~0"), X[:5] @ m.fixef.to_numpy())
