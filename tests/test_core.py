@@ -133,6 +133,7 @@ def test_float64_by_default_without_touching_global_flag(seed_fit):
 def test_float32_option_close_to_float64(exam, seed_fit):
     m32 = gj.glmer("success ~ schavg + (1 | school)", exam, dtype="float32")
     assert m32._design.arrays.X.dtype == np.float32
+    assert m32.converged, m32.fit_info
     assert m32.loglik == pytest.approx(seed_fit.loglik, abs=0.05)
     np.testing.assert_allclose(m32.fixef.to_numpy(), seed_fit.fixef.to_numpy(), atol=2e-3)
     with pytest.raises(ValueError, match="dtype"):
