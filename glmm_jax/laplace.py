@@ -110,17 +110,15 @@ def _segsum(values, arrays: ModelArrays):
     )
 
 
-def _loglik_terms(family: Family, arrays: ModelArrays, eta):
-    """Per-observation weighted log-density and its first two derivatives in ``eta``."""
+def _score_terms(family: Family, arrays: ModelArrays, eta):
+    """First and second derivatives in ``eta`` of each weighted log-density (differentiable)."""
 
     def score(e):
         return arrays.weights * family.score(arrays.y, arrays.trials, e)
 
     # The score is elementwise in eta, so one forward pass with a vector of ones gives the
     # diagonal second derivative.
-    d1, d2 = jax.jvp(score, (eta,), (jnp.ones_like(eta),))
-    ll = arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta)
-    return ll, d1, d2
+    return jax.jvp(score, (eta,), (jnp.ones_like(eta),))
 
 
 def _block_hessian(w, ZT, arrays: ModelArrays):
@@ -218,7 +216,7 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
 
     def stationarity(xx):
         eta, ZT = linear_predictor(xx, u, arrays, structure, mask)
-        _, d1, d2 = _loglik_terms(family, arrays, eta)
+        d1, d2 = _score_terms(family, arrays, eta)
         # The observed Hessian block rides along as auxiliary output: eta and the score's
         # derivative are computed once for both.
         return u - _segsum(d1[:, None] * ZT, arrays), _block_hessian(-d2, ZT, arrays)

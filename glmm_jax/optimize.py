@@ -206,6 +206,25 @@ def _backtrack(value, x, u, v, g, d, max_halvings: int = 40):
 _RUNNING, _SKIP, _BOUNDARY = -1, -2, -3
 
 
+class _LoopState(NamedTuple):
+    """Carry of :func:`_minimize`'s loop; ``v``, ``g``, ``H`` are at ``x_prev``."""
+
+    x: jnp.ndarray
+    u: jnp.ndarray
+    opt_state: object
+    newton: jnp.ndarray  # in the Newton phase
+    lbfgs_its: jnp.ndarray
+    newton_its: jnp.ndarray
+    evaluations: jnp.ndarray
+    v: jnp.ndarray
+    g: jnp.ndarray
+    H: jnp.ndarray
+    status: jnp.ndarray
+    x_prev: jnp.ndarray
+    have_H: jnp.ndarray  # an exact Hessian has been computed in the Newton phase
+    near: jnp.ndarray  # the decrement has fallen below exact_hessian_below
+
+
 def _symmetric_free(H, both):
     """Symmetrise ``H`` and zero the rows and columns of fixed coordinates."""
     return jnp.where(both, 0.5 * (H + H.T), 0.0)
@@ -234,8 +253,8 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
     opt = optax.scale_by_lbfgs(memory_size=10)
     log_zero = jnp.log(control.singular_tol)
 
-    def cond(state):
-        return state[10] == _RUNNING
+    def cond(state: _LoopState):
+        return state.status == _RUNNING
 
     def bfgs(H, s, y):
         Hs = H @ s
@@ -244,20 +263,19 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
         safe = lambda a: jnp.where(ok, a, 1.0)  # noqa: E731
         return jnp.where(ok, H - jnp.outer(Hs, Hs) / safe(sHs) + jnp.outer(y, y) / safe(ys), H)
 
-    def body(state):
-        x, u, opt_state, newton, it_l, it_n, evals, _, g_prev, H_prev, _, x_prev, have_H, near = (
-            state
-        )
+    def body(state: _LoopState):
+        x, u, newton = state.x, state.u, state.newton
+        it_l, it_n = state.lbfgs_its, state.newton_its
         v, g = jax.value_and_grad(dev)(x, u)
         g = jnp.where(free, g, 0.0)
-        exact = newton & (~have_H | near)
+        exact = newton & (~state.have_H | state.near)
         H = jax.lax.cond(
             exact,
             lambda: _symmetric_free(jax.hessian(dev)(x, u), both),
-            lambda: jnp.where(newton, bfgs(H_prev, x - x_prev, g - g_prev), H_prev),
+            lambda: jnp.where(newton, bfgs(state.H, x - state.x_prev, g - state.g), state.H),
         )
 
-        updates, opt_state = opt.update(g, opt_state, x)
+        updates, opt_state = opt.update(g, state.opt_state, x)
         d_lbfgs = jnp.where(jnp.dot(g, updates) > 0, -updates, -g)
         ev, V = jnp.linalg.eigh(jnp.where(both, H, jnp.eye(n, dtype=H.dtype)))
         floor = 1e-8 * jnp.maximum(jnp.max(jnp.abs(ev)), 1.0)
@@ -289,43 +307,42 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
             [Status.NONFINITE, Status.CONVERGED, Status.LINESEARCH, _BOUNDARY, Status.MAXITER],
             _RUNNING,
         )
-        return (
-            x_new,
-            jnp.where(move, u_new, u),
-            opt_state,
-            to_newton,
-            it_l,
-            it_n,
-            evals + 1 + k,
-            v,
-            g,
-            H,
-            status,
-            x,
-            have_H | exact,
-            near | (newton & (decrement < control.exact_hessian_below)),
+        return _LoopState(
+            x=x_new,
+            u=jnp.where(move, u_new, u),
+            opt_state=opt_state,
+            newton=to_newton,
+            lbfgs_its=it_l,
+            newton_its=it_n,
+            evaluations=state.evaluations + 1 + k,
+            v=v,
+            g=g,
+            H=H,
+            status=status,
+            x_prev=x,
+            have_H=state.have_H | exact,
+            near=state.near | (newton & (decrement < control.exact_hessian_below)),
         )
 
-    z = jnp.zeros((), x0.dtype)
-    newton0 = ~allow_lbfgs | (control.lbfgs_maxiter == 0)
-    state = (
-        x0,
-        u0,
-        opt.init(x0),
-        newton0,
-        jnp.int32(0),
-        jnp.int32(0),
-        jnp.int32(0),
-        z,
-        jnp.zeros(n, x0.dtype),
-        jnp.zeros((n, n), x0.dtype),
-        jnp.where(skip, _SKIP, _RUNNING),
-        x0,
-        jnp.array(False),
-        jnp.array(False),
+    false, zero = jnp.array(False), jnp.int32(0)
+    state = _LoopState(
+        x=x0,
+        u=u0,
+        opt_state=opt.init(x0),
+        newton=~allow_lbfgs | (control.lbfgs_maxiter == 0),
+        lbfgs_its=zero,
+        newton_its=zero,
+        evaluations=zero,
+        v=jnp.zeros((), x0.dtype),
+        g=jnp.zeros(n, x0.dtype),
+        H=jnp.zeros((n, n), x0.dtype),
+        status=jnp.where(skip, _SKIP, _RUNNING),
+        x_prev=x0,
+        have_H=false,
+        near=false,
     )
-    x, u, _, _, it_l, it_n, evals, v, g, H, status, *_ = jax.lax.while_loop(cond, body, state)
-    return x, u, v, g, H, it_l, it_n, evals, status
+    s = jax.lax.while_loop(cond, body, state)
+    return s.x, s.u, s.v, s.g, s.H, s.lbfgs_its, s.newton_its, s.evaluations, s.status
 
 
 def fit_arrays(
