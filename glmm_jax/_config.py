@@ -27,11 +27,10 @@ def resolve_dtype(dtype) -> np.dtype:
 
 
 @contextlib.contextmanager
-def precision(dtype=np.float64):
+def precision():
     """Run the enclosed JAX work with 64-bit types enabled (needed for float64 fits).
 
-    float32 fits run with 64-bit types enabled too: the arrays are float32, so the arithmetic
-    is float32, and integer codes keep their width.
+    float32 fits run inside it too: their arrays are float32, so the arithmetic is float32.
     """
     enable_compilation_cache()
     with jax.enable_x64(True):

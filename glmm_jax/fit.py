@@ -53,7 +53,7 @@ def fit_design(design: Design, control: Control | None = None, start=None) -> GL
     control = Control() if control is None else control
     t0 = time.perf_counter()
     dtype = design.arrays.X.dtype
-    with precision(dtype):
+    with precision():
         arrays = jax.tree_util.tree_map(jnp.asarray, design.arrays)
         x0 = None if start is None else jnp.asarray(_start_vector(design, start), dtype)
         out = compiled_fit(

@@ -77,6 +77,16 @@ def _format_table(df: pd.DataFrame, index=True) -> str:
     return df.to_string(index=index)
 
 
+def _left_table(df: pd.DataFrame) -> str:
+    """Left-aligned columns, one space apart, as lme4 prints its random-effects table."""
+    cols = [[str(c)] + [str(v) for v in df[c]] for c in df.columns]
+    widths = [max(map(len, col)) for col in cols]
+    rows = zip(*cols, strict=True)
+    return "\n".join(
+        " " + " ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
 class GLMMResult:
     """A fitted generalized linear mixed model (lme4's ``glmerMod``).
 
@@ -528,7 +538,7 @@ class Summary:
         lines = self._header()
         lines += ["", _format_table(self._fit_stats(), index=False), ""]
         lines += ["Scaled residuals: ", _format_table(self._residual_quantiles(), index=False), ""]
-        lines += ["Random effects:", _format_table(self._random_table(), index=False)]
+        lines += ["Random effects:", _left_table(self._random_table())]
         lines += [self._groups_line(), "", "Fixed effects:", _format_table(self._coef_strings())]
         lines += ["---", "Signif. codes:  0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1"]
         corr = self._corr_strings()
