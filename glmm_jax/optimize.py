@@ -64,6 +64,14 @@ class Control:
         passes over the data cost less than the extra iterations.
     lbfgs_max_rows, lbfgs_min_params : int
         The thresholds of that choice.
+    forward_gradient : bool or None
+        Take the deviance gradient in forward mode (one tangent per parameter) rather than
+        reverse mode. ``None`` (default): forward for small data (at most ``lbfgs_max_rows``
+        padded rows) with at most ``forward_max_params`` parameters. Measured on the seed
+        model: 0.26 ms forward against 0.43 ms reverse (reverse mode turns every gather into
+        a serial scatter-add); on 10^6 rows they tie, and reverse wins as parameters grow.
+    forward_max_params : int
+        The threshold of that choice.
     lbfgs_rtol : float
         L-BFGS stops when the deviance falls by less than this, relative, in one iteration.
     newton_maxiter : int
@@ -89,6 +97,8 @@ class Control:
     lbfgs_maxiter: int | None = None
     lbfgs_max_rows: int = 16384
     lbfgs_min_params: int = 12
+    forward_gradient: bool | None = None
+    forward_max_params: int = 8
     lbfgs_rtol: float = 1e-7
     newton_maxiter: int = 30
     newton_tol: float = 1e-11
@@ -263,10 +273,18 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
         safe = lambda a: jnp.where(ok, a, 1.0)  # noqa: E731
         return jnp.where(ok, H - jnp.outer(Hs, Hs) / safe(sHs) + jnp.outer(y, y) / safe(ys), H)
 
+    def value_and_grad(x, u):
+        if not control.forward_gradient:
+            return jax.value_and_grad(dev)(x, u)
+        # One forward pass per coordinate, batched; the value is the shared primal.
+        basis = jnp.eye(n, dtype=x.dtype)
+        push = lambda t: jax.jvp(lambda xx: dev(xx, u), (x,), (t,))  # noqa: E731
+        return jax.vmap(push, out_axes=(None, 0))(basis)
+
     def body(state: _LoopState):
         x, u, newton = state.x, state.u, state.newton
         it_l, it_n = state.lbfgs_its, state.newton_its
-        v, g = jax.value_and_grad(dev)(x, u)
+        v, g = value_and_grad(x, u)
         g = jnp.where(free, g, 0.0)
         exact = newton & (~state.have_H | state.near)
         H = jax.lax.cond(
@@ -388,14 +406,18 @@ def fit_arrays(
 
         return value, dev
 
+    # Settings left to the static shapes (see Control): small data favour cheap iterations.
+    small, n_params = arrays.X.shape[0] <= control.lbfgs_max_rows, x0.shape[0]
+    if control.lbfgs_maxiter is None:
+        lbfgs = 100 if small or n_params > control.lbfgs_min_params else 0
+        control = dataclasses.replace(control, lbfgs_maxiter=lbfgs)
+    if control.forward_gradient is None:
+        forward = small and n_params <= control.forward_max_params
+        control = dataclasses.replace(control, forward_gradient=forward)
+
     # Two stages through one traced body (a scan of length 2): the interior fit, then the fit
     # with every variance the interior fit left near zero held at exactly zero (skipped when
     # there is none). The boundary model is nested in the interior one.
-    lbfgs_maxiter = control.lbfgs_maxiter
-    if lbfgs_maxiter is None:
-        small = arrays.X.shape[0] <= control.lbfgs_max_rows
-        lbfgs_maxiter = 100 if small or x0.shape[0] > control.lbfgs_min_params else 0
-    control = dataclasses.replace(control, lbfgs_maxiter=lbfgs_maxiter)
 
     def stage(carry, k):
         x_prev, u_prev = carry

@@ -192,3 +192,16 @@ def test_data_frame_with_integer_groups_and_bool_response():
     m = gj.glmer("y ~ x + (1 | g)", df)
     assert m.converged and m.ngroups == {"g": 30}
     assert list(m.ranef["g"].index) == list(range(30))
+
+
+def test_large_data_configuration_reaches_the_same_optimum(exam, seed_fit):
+    """What big data get by default (Newton from the GLM start, reverse-mode gradients, BFGS
+    between exact Hessians) against what small data get (L-BFGS first, forward gradients)."""
+    big = Control(lbfgs_maxiter=0, forward_gradient=False)
+    m = gj.glmer("success ~ schavg + (1 | school)", exam, control=big)
+    assert m.converged and m.fit_info.lbfgs_iterations == 0
+    assert m.loglik == pytest.approx(seed_fit.loglik, abs=1e-8)
+    np.testing.assert_allclose(m.fixef.to_numpy(), seed_fit.fixef.to_numpy(), rtol=1e-6)
+    # Convergence is judged on an exact Hessian, so the standard errors agree too.
+    np.testing.assert_allclose(m.se.to_numpy(), seed_fit.se.to_numpy(), rtol=1e-6)
+    assert m.theta == pytest.approx(seed_fit.theta, rel=1e-6)
