@@ -138,6 +138,17 @@ class Binomial(Family):
     def loglik_const(self, y, trials):
         return gammaln(trials + 1.0) - gammaln(y + 1.0) - gammaln(trials - y + 1.0)
 
+    def fisher_weight(self, trials, eta):
+        if self.link.name == "logit":
+            p = self.link.linkinv(eta)
+            return trials * p * (1.0 - p)
+        if self.link.log_mu_eta is None:
+            return super().fisher_weight(trials, eta)
+        # m mu'^2 / (mu (1 - mu)) in logs: finite, with finite derivatives, where 1 - mu or mu'
+        # round to zero (cloglog at eta = 5 gave 1e183 instead of about 1e-62).
+        log_mu, log1m_mu = self.link.log_mu_pair(eta)
+        return trials * jnp.exp(2.0 * self.link.log_mu_eta(eta) - log_mu - log1m_mu)
+
     def kernel_score_curvature(self, y, trials, eta):
         if self.link.name != "logit":
             return super().kernel_score_curvature(y, trials, eta)
@@ -200,6 +211,11 @@ class Poisson(Family):
         if self.link.name == "log":
             return y - jnp.exp(eta)
         return super().score(y, trials, eta)
+
+    def fisher_weight(self, trials, eta):
+        if self.link.name == "log":
+            return trials * jnp.exp(eta)
+        return super().fisher_weight(trials, eta)
 
     def kernel_score_curvature(self, y, trials, eta):
         if self.link.name != "log":

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .blocks import chol, chol_inverse, chol_logdet, chol_solve
 from .families import Family
@@ -38,6 +39,7 @@ __all__ = [
     "implicit_modes",
     "laplace_deviance",
     "deviance_and_modes",
+    "deviance_and_gradient",
     "deviance_constant",
     "conditional_variances",
     "linear_predictor",
@@ -254,6 +256,59 @@ def laplace_deviance(x, arrays, u_star, mask, family, structure):
 def deviance_constant(arrays: ModelArrays, family: Family):
     """``-2 sum_i w_i c(y_i)``: the eta-free part of the deviance, left out of the inner loops."""
     return -2.0 * jnp.sum(arrays.weights * family.loglik_const(arrays.y, arrays.trials))
+
+
+def deviance_and_gradient(x, arrays, u_star, mask, family, structure):
+    """:func:`laplace_deviance` and its exact gradient in ``x``, by the adjoint method.
+
+    With ``F(u, x) = 0`` the stationarity condition and ``H_obs = dF/du``, the gradient is
+    ``dD/dx = dD/dx|_u - lambda' dF/dx|_u`` with ``lambda = H_obs^{-1} dD/du`` (one small solve
+    per level). Written out for one grouping factor it needs three passes over the data,
+    where reverse-mode autodiff of the same function makes about twenty. Per observation
+    ``r_i = -2 k'_i + W'_i c_i + k''_i (lambda_g . T' z_i)`` with ``k`` the weighted
+    log-density, ``W`` the Fisher weight and ``c_i = z_i' T A_g^{-1} T' z_i``; then
+    ``dD/dbeta = X' r`` and
+    ``dD/dT = sum_g [R_g u_g' + K_g lambda_g' + 2 S_g T A_g^{-1}]`` with ``R_g = sum r_i z_i``,
+    ``K_g = sum k'_i z_i``, ``S_g = sum W_i z_i z_i'``.
+
+    Differentiable in ``x`` (forward mode) through :func:`implicit_modes`, so ``jax.jacfwd`` of
+    the gradient is the exact Hessian.
+    """
+    p = arrays.X.shape[1]
+    u = implicit_modes(x, arrays, u_star, mask, family, structure)
+    beta, T = _split(x, arrays, structure, mask)
+    Z, w, group = arrays.Z, arrays.weights, arrays.group
+    q = Z.shape[1]
+    eye = jnp.eye(q, dtype=Z.dtype)
+    ZT = Z @ T
+    eta = arrays.X @ beta + arrays.offset + jnp.sum(ZT * u[group], axis=1)
+    kernel = w * family.loglik_kernel(arrays.y, arrays.trials, eta)
+    d1, d2 = _score_terms(family, arrays, eta)
+    W, dW = jax.jvp(
+        lambda e: w * family.fisher_weight(arrays.trials, e), (eta,), (jnp.ones_like(eta),)
+    )
+    zz = Z[:, :, None] * Z[:, None, :]
+    sums = _segsum(jnp.stack([W, -d2], axis=1)[:, :, None, None] * zz[:, None], arrays)
+    S, S_obs = sums[:, 0], sums[:, 1]
+    A = jnp.einsum("ji,gjk,kl->gil", T, S, T) + eye
+    H_obs = jnp.einsum("ji,gjk,kl->gil", T, S_obs, T) + eye
+    LA = chol(A)
+    A_inv = chol_inverse(LA)
+    dev = -2.0 * jnp.sum(kernel) + jnp.sum(u**2) + jnp.sum(chol_logdet(LA))
+
+    c = jnp.einsum("ni,nij,nj->n", ZT, A_inv[group], ZT)
+    F = u - _segsum(d1[:, None] * ZT, arrays)
+    dD_du = 2.0 * F + _segsum((dW * c)[:, None] * ZT, arrays)
+    lam = chol_solve(chol(H_obs), dD_du)
+    r = -2.0 * d1 + dW * c + d2 * jnp.sum(ZT * lam[group], axis=1)
+    g_beta = arrays.X.T @ r
+    RK = _segsum(jnp.stack([r, d1], axis=1)[:, :, None] * Z[:, None, :], arrays)
+    g_T = RK[:, 0].T @ u + RK[:, 1].T @ lam + 2.0 * jnp.einsum("gij,jk,gkl->il", S, T, A_inv)
+    theta = structure.theta_from_phi(x[p:], mask)
+    layout = structure.theta_layout()
+    g_theta = g_T[np.array([r_ for _, r_, _ in layout]), np.array([c_ for _, _, c_ in layout])]
+    g_phi = g_theta * jnp.where(jnp.asarray(structure.diagonal), theta, 1.0)
+    return dev, jnp.concatenate([g_beta, g_phi])
 
 
 def deviance_and_modes(x, arrays, u0, mask, family, structure, control: InnerControl):

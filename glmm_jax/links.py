@@ -38,6 +38,9 @@ class Link:
     dlog_mu_pair : callable, optional
         ``eta -> (d log mu / d eta, d log(1 - mu) / d eta)`` in closed form; where absent, the
         family differentiates ``log_mu_pair`` instead.
+    log_mu_eta : callable, optional
+        ``eta -> log(dmu/deta)`` in closed form, for Fisher weights that stay finite where
+        ``dmu/deta`` or ``1 - mu`` round to zero.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Link:
     mu_eta: Callable[[Array], Array]
     log_mu_pair: Callable[[Array], tuple[Array, Array]] | None = None
     dlog_mu_pair: Callable[[Array], tuple[Array, Array]] | None = None
+    log_mu_eta: Callable[[Array], Array] | None = None
 
     # Links are singletons looked up by name: hashing by name keeps jit's static-argument cache
     # shared between equal links.
@@ -121,6 +125,7 @@ LINKS: dict[str, Link] = {
         mu_eta=lambda eta: _sigmoid(eta) * _sigmoid(-eta),
         log_mu_pair=lambda eta: (-_softplus(-eta), -_softplus(eta)),
         dlog_mu_pair=lambda eta: (_sigmoid(-eta), -_sigmoid(eta)),
+        log_mu_eta=lambda eta: -_softplus(-eta) - _softplus(eta),
     ),
     "probit": Link(
         "probit",
@@ -129,6 +134,7 @@ LINKS: dict[str, Link] = {
         mu_eta=lambda eta: jnp.exp(-0.5 * eta**2) / jnp.sqrt(2 * jnp.pi),
         log_mu_pair=lambda eta: (log_ndtr(eta), log_ndtr(-eta)),
         dlog_mu_pair=_probit_dpair,
+        log_mu_eta=lambda eta: -0.5 * eta**2 - 0.5 * jnp.log(2 * jnp.pi),
     ),
     "cloglog": Link(
         "cloglog",
@@ -137,6 +143,7 @@ LINKS: dict[str, Link] = {
         mu_eta=lambda eta: jnp.exp(jnp.minimum(eta, 700.0) - jnp.exp(jnp.minimum(eta, 700.0))),
         log_mu_pair=_cloglog_pair,
         dlog_mu_pair=_cloglog_dpair,
+        log_mu_eta=lambda eta: eta - jnp.exp(jnp.minimum(eta, 700.0)),
     ),
     "cauchit": Link(
         "cauchit",
@@ -144,6 +151,7 @@ LINKS: dict[str, Link] = {
         linkinv=_cauchit_inv,
         mu_eta=lambda eta: 1.0 / (jnp.pi * (1.0 + eta**2)),
         log_mu_pair=_log_pair_clipped(_cauchit_inv),
+        log_mu_eta=lambda eta: -jnp.log(jnp.pi * (1.0 + eta**2)),
     ),
     "log": Link(
         "log",

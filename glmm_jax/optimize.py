@@ -28,6 +28,7 @@ from .laplace import (
     InnerControl,
     ModelArrays,
     conditional_variances,
+    deviance_and_gradient,
     deviance_constant,
     laplace_deviance,
     solve_modes,
@@ -64,14 +65,7 @@ class Control:
         passes over the data cost less than the extra iterations.
     lbfgs_max_rows, lbfgs_min_params : int
         The thresholds of that choice.
-    forward_gradient : bool or None
-        Take the deviance gradient in forward mode (one tangent per parameter) rather than
-        reverse mode. ``None`` (default): forward for small data (at most ``lbfgs_max_rows``
-        padded rows) with at most ``forward_max_params`` parameters. Measured on the seed
-        model: 0.26 ms forward against 0.43 ms reverse (reverse mode turns every gather into
-        a serial scatter-add); on 10^6 rows they tie, and reverse wins as parameters grow.
-    forward_max_params : int
-        The threshold of that choice.
+
     lbfgs_rtol : float
         L-BFGS stops when the deviance falls by less than this, relative, in one iteration.
     newton_maxiter : int
@@ -97,8 +91,6 @@ class Control:
     lbfgs_maxiter: int | None = None
     lbfgs_max_rows: int = 16384
     lbfgs_min_params: int = 12
-    forward_gradient: bool | None = None
-    forward_max_params: int = 8
     lbfgs_rtol: float = 1e-7
     newton_maxiter: int = 30
     newton_tol: float = 1e-11
@@ -240,11 +232,12 @@ def _symmetric_free(H, both):
     return jnp.where(both, 0.5 * (H + H.T), 0.0)
 
 
-def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Control):
+def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, control: Control):
     """Minimise the deviance over the free coordinates of ``x``: L-BFGS, then Newton.
 
-    ``value(x, u0) -> (v, u*)`` solves the modes warm-started at ``u0``; ``dev(x, u*)`` is the
-    deviance at converged modes, differentiable to any order. ``u0`` must be the converged
+    ``value(x, u0) -> (v, u*)`` solves the modes warm-started at ``u0``;
+    ``dev_and_grad(x, u*)`` is the deviance at converged modes and its exact gradient, itself
+    differentiable (the Hessian is its forward derivative). ``u0`` must be the converged
     modes at ``x0``. One loop serves both phases, so the derivatives and the line search are
     traced once: optax's L-BFGS direction while the deviance falls fast, then Newton steps
     (eigenvalues flipped and floored so every step descends) with the exact Hessian on the
@@ -273,23 +266,15 @@ def _minimize(value, dev, x0, u0, free, watch, allow_lbfgs, skip, control: Contr
         safe = lambda a: jnp.where(ok, a, 1.0)  # noqa: E731
         return jnp.where(ok, H - jnp.outer(Hs, Hs) / safe(sHs) + jnp.outer(y, y) / safe(ys), H)
 
-    def value_and_grad(x, u):
-        if not control.forward_gradient:
-            return jax.value_and_grad(dev)(x, u)
-        # One forward pass per coordinate, batched; the value is the shared primal.
-        basis = jnp.eye(n, dtype=x.dtype)
-        push = lambda t: jax.jvp(lambda xx: dev(xx, u), (x,), (t,))  # noqa: E731
-        return jax.vmap(push, out_axes=(None, 0))(basis)
-
     def body(state: _LoopState):
         x, u, newton = state.x, state.u, state.newton
         it_l, it_n = state.lbfgs_its, state.newton_its
-        v, g = value_and_grad(x, u)
+        v, g = dev_and_grad(x, u)
         g = jnp.where(free, g, 0.0)
         exact = newton & (~state.have_H | state.near)
         H = jax.lax.cond(
             exact,
-            lambda: _symmetric_free(jax.hessian(dev)(x, u), both),
+            lambda: _symmetric_free(jax.jacfwd(lambda xx: dev_and_grad(xx, u)[1])(x), both),
             lambda: jnp.where(newton, bfgs(state.H, x - state.x_prev, g - state.g), state.H),
         )
 
@@ -401,19 +386,16 @@ def fit_arrays(
             u_star = solve_modes(x, arrays, u, mask, family, structure, control.inner)[0]
             return laplace_deviance(x, arrays, u_star, mask, family, structure), u_star
 
-        def dev(x, u_star):
-            return laplace_deviance(x, arrays, u_star, mask, family, structure)
+        def dev_and_grad(x, u_star):
+            return deviance_and_gradient(x, arrays, u_star, mask, family, structure)
 
-        return value, dev
+        return value, dev_and_grad
 
     # Settings left to the static shapes (see Control): small data favour cheap iterations.
     small, n_params = arrays.X.shape[0] <= control.lbfgs_max_rows, x0.shape[0]
     if control.lbfgs_maxiter is None:
         lbfgs = 100 if small or n_params > control.lbfgs_min_params else 0
         control = dataclasses.replace(control, lbfgs_maxiter=lbfgs)
-    if control.forward_gradient is None:
-        forward = small and n_params <= control.forward_max_params
-        control = dataclasses.replace(control, forward_gradient=forward)
 
     # Two stages through one traced body (a scan of length 2): the interior fit, then the fit
     # with every variance the interior fit left near zero held at exactly zero (skipped when
@@ -427,9 +409,9 @@ def fit_arrays(
         skip = (k == 1) & ~jnp.any(candidate)
         x_start = jnp.where(k == 0, x0, x_prev)
         u_start = jnp.where(k == 0, u_zero, u_prev)
-        value, dev = objective(mask)
+        value, dev_and_grad = objective(mask)
         u_start = jax.lax.cond(skip, lambda: u_start, lambda: value(x_start, u_start)[1])
-        res = _minimize(value, dev, x_start, u_start, free, watch, k == 0, skip, control)
+        res = _minimize(value, dev_and_grad, x_start, u_start, free, watch, k == 0, skip, control)
         return (res[0], res[1]), (mask, *res)
 
     _, stages = jax.lax.scan(stage, (x0, u_zero), jnp.arange(2))

@@ -195,9 +195,9 @@ def test_data_frame_with_integer_groups_and_bool_response():
 
 
 def test_large_data_configuration_reaches_the_same_optimum(exam, seed_fit):
-    """What big data get by default (Newton from the GLM start, reverse-mode gradients, BFGS
-    between exact Hessians) against what small data get (L-BFGS first, forward gradients)."""
-    big = Control(lbfgs_maxiter=0, forward_gradient=False)
+    """What big data get by default (Newton from the GLM start, BFGS between exact Hessians)
+    against what small data get (L-BFGS first)."""
+    big = Control(lbfgs_maxiter=0)
     m = gj.glmer("success ~ schavg + (1 | school)", exam, control=big)
     assert m.converged and m.fit_info.lbfgs_iterations == 0
     assert m.loglik == pytest.approx(seed_fit.loglik, abs=1e-8)
@@ -205,3 +205,43 @@ def test_large_data_configuration_reaches_the_same_optimum(exam, seed_fit):
     # Convergence is judged on an exact Hessian, so the standard errors agree too.
     np.testing.assert_allclose(m.se.to_numpy(), seed_fit.se.to_numpy(), rtol=1e-6)
     assert m.theta == pytest.approx(seed_fit.theta, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "formula, family, link",
+    [
+        ("success ~ schavg + (1 | school)", "binomial", "logit"),
+        ("success ~ standLRT + (standLRT | school)", "binomial", "probit"),
+        ("success ~ standLRT + (1 | school) + (0 + standLRT | school)", "binomial", "cloglog"),
+        ("success ~ schavg + (1 | school)", "binomial", "cauchit"),
+        ("normexam ~ standLRT + (1 | school)", "poisson", "sqrt"),
+    ],
+)
+def test_adjoint_gradient_equals_autodiff(exam, formula, family, link):
+    """deviance_and_gradient's hand-derived adjoint, and its forward derivative, against
+    reverse-mode autodiff of laplace_deviance, inside and on the boundary (theta_1 = 0)."""
+    from glmm_jax.laplace import deviance_and_gradient
+
+    data = exam.assign(normexam=np.round(np.abs(exam["normexam"]) * 3))
+    d = build_design(formula, data, gj.get_family(family, link))
+    nt = d.structure.n_theta
+    with jax.enable_x64(True):
+        a = jax.tree_util.tree_map(jnp.asarray, d.arrays)
+        x = jnp.asarray(np.r_[np.linspace(-0.3, 0.4, d.p), np.linspace(-0.5, 0.2, nt)])
+        if family == "poisson":
+            x = x.at[0].set(1.0)
+        for mask in (jnp.ones(nt), jnp.asarray(np.r_[0.0, np.ones(nt - 1)])):
+            u0 = jnp.zeros((a.level_mask.shape[0], a.Z.shape[1]))
+            u = solve_modes(x, a, u0, mask, d.family, d.structure, Control().inner)[0]
+
+            def auto(xx, mask=mask, u=u):
+                return laplace_deviance(xx, a, u, mask, d.family, d.structure)
+
+            def adjoint(xx, mask=mask, u=u):
+                return deviance_and_gradient(xx, a, u, mask, d.family, d.structure)
+
+            v, g = adjoint(x)
+            assert float(v) == pytest.approx(float(auto(x)), rel=1e-12)
+            np.testing.assert_allclose(g, jax.grad(auto)(x), rtol=1e-8, atol=1e-8)
+            H = jax.jacfwd(lambda xx, adjoint=adjoint: adjoint(xx)[1])(x)
+            np.testing.assert_allclose(H, jax.hessian(auto)(x), rtol=1e-7, atol=1e-7)
