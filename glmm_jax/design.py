@@ -20,7 +20,6 @@ import warnings
 import formulaic
 import numpy as np
 import pandas as pd
-import scipy.linalg
 
 from .families import Binomial, Family
 from .formula import FormulaSpec, parse_formula
@@ -270,7 +269,8 @@ def _drop_aliased(X: np.ndarray, names: list[str]):
 
 def _preconditioner(R: np.ndarray, n: float) -> np.ndarray:
     """``M`` such that ``X M`` has orthogonal columns of unit root-mean-square (``X = Q R``)."""
-    return scipy.linalg.solve_triangular(R, np.eye(R.shape[0])) * np.sqrt(max(n, 1.0))
+    # R is p x p: numpy's inverse costs microseconds where scipy's wrapper costs 0.6 ms.
+    return np.linalg.inv(R) * np.sqrt(max(n, 1.0))
 
 
 def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):

@@ -15,6 +15,7 @@ This module only reads text: no data, no formulaic, no JAX. Errors name the offe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 __all__ = ["FormulaError", "FormulaSpec", "RandomTerm", "Response", "parse_formula"]
@@ -235,6 +236,12 @@ def parse_formula(formula: str) -> FormulaSpec:
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+    return _parse_formula(formula)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_formula(formula: str) -> FormulaSpec:
+    """The parser behind :func:`parse_formula`; cached, since a spec is immutable."""
     tildes = [i for i, ch, d in _scan(formula) if ch == "~" and d == 0]
     if len(tildes) != 1:
         raise FormulaError(

@@ -14,6 +14,9 @@ For one grouping factor every level ``g`` has its own ``u_g`` (length ``Q``) and
 * Derivatives of ``u*`` come from the implicit function theorem (a ``custom_jvp`` whose primal
   is the identity on the converged modes), never from differentiating the Newton iterations, so
   gradients and the exact Hessian of the deviance are cheap, exact, and compile small.
+* :func:`deviance_and_gradient` writes the gradient out by the adjoint method (three passes
+  over the data); the optimiser uses it, and its forward derivative as the exact Hessian.
+  :func:`laplace_deviance` stays the plain definition that autodiff checks it against.
 
 Nothing here raises inside jit; failures show up as non-finite values or as flags in the result.
 """
