@@ -245,8 +245,8 @@ def _drop_aliased(X: np.ndarray, names: list[str]):
     """Drop columns that are linear combinations of earlier ones, with a warning (lme4 does).
 
     Column order decides which of an aliased set survives: the earlier columns, as in lme4.
-    Returns ``(X, names, dropped, R)`` with ``R`` the triangular factor of the kept columns
-    (scaled to unit norm), reused for the preconditioner.
+    Returns ``(X, names, dropped, R)`` with ``R`` the triangular QR factor of the kept columns
+    of ``X``, reused for the preconditioner.
     """
     if X.shape[1] == 0:
         return X, names, [], np.zeros((0, 0))

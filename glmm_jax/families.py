@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln, xlogy
 
-from .links import Link, get_link
+from .links import Link, _softplus, get_link
 
 __all__ = ["Family", "Binomial", "Poisson", "binomial", "poisson", "get_family", "FAMILIES"]
 
@@ -237,10 +237,6 @@ class Poisson(Family):
 
     def simulate(self, key, mu, trials):
         return jax.random.poisson(key, mu).astype(mu.dtype)
-
-
-def _softplus(x):
-    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))

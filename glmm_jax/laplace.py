@@ -41,7 +41,6 @@ __all__ = [
     "solve_modes",
     "implicit_modes",
     "laplace_deviance",
-    "deviance_and_modes",
     "deviance_and_gradient",
     "deviance_constant",
     "conditional_variances",
@@ -279,12 +278,10 @@ def deviance_and_gradient(x, arrays, u_star, mask, family, structure):
     """
     p = arrays.X.shape[1]
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
-    beta, T = _split(x, arrays, structure, mask)
+    _, T = _split(x, arrays, structure, mask)
+    eta, ZT = linear_predictor(x, u, arrays, structure, mask)
     Z, w, group = arrays.Z, arrays.weights, arrays.group
-    q = Z.shape[1]
-    eye = jnp.eye(q, dtype=Z.dtype)
-    ZT = Z @ T
-    eta = arrays.X @ beta + arrays.offset + jnp.sum(ZT * u[group], axis=1)
+    eye = jnp.eye(Z.shape[1], dtype=Z.dtype)
     kernel = w * family.loglik_kernel(arrays.y, arrays.trials, eta)
     d1, d2 = _score_terms(family, arrays, eta)
     W, dW = jax.jvp(
@@ -312,16 +309,6 @@ def deviance_and_gradient(x, arrays, u_star, mask, family, structure):
     g_theta = g_T[np.array([r_ for _, r_, _ in layout]), np.array([c_ for _, _, c_ in layout])]
     g_phi = g_theta * jnp.where(jnp.asarray(structure.diagonal), theta, 1.0)
     return dev, jnp.concatenate([g_beta, g_phi])
-
-
-def deviance_and_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
-    """Solve for the modes from ``u0``, then evaluate the deviance: ``(deviance, u*)``.
-
-    The gradient in ``x`` is exact (implicit); the Newton iteration itself is not differentiated.
-    """
-    u_star = jax.lax.stop_gradient(solve_modes(x, arrays, u0, mask, family, structure, control)[0])
-    dev = laplace_deviance(x, arrays, u_star, mask, family, structure)
-    return dev + deviance_constant(arrays, family), u_star
 
 
 def conditional_variances(x, u, arrays, mask, family, structure):

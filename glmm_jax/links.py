@@ -87,24 +87,33 @@ def _sigmoid(eta):
     return jax.lax.logistic(eta)
 
 
+def _log_phi(eta):
+    """Log of the standard normal density."""
+    return -0.5 * eta**2 - 0.5 * jnp.log(2 * jnp.pi)
+
+
+def _exp_capped(eta):
+    # exp(eta) for cloglog, capped below float64 overflow: mu is 1 to machine precision there.
+    return jnp.exp(jnp.minimum(eta, 700.0))
+
+
 def _cloglog_inv(eta):
-    return -jnp.expm1(-jnp.exp(jnp.minimum(eta, 700.0)))
+    return -jnp.expm1(-_exp_capped(eta))
 
 
 def _probit_dpair(eta):
-    log_phi = -0.5 * eta**2 - 0.5 * jnp.log(2 * jnp.pi)
     # phi / Phi as exp of a difference of logs: finite deep in both tails.
-    return jnp.exp(log_phi - log_ndtr(eta)), -jnp.exp(log_phi - log_ndtr(-eta))
+    return jnp.exp(_log_phi(eta) - log_ndtr(eta)), -jnp.exp(_log_phi(eta) - log_ndtr(-eta))
 
 
 def _cloglog_dpair(eta):
-    e = jnp.exp(jnp.minimum(eta, 700.0))
+    e = _exp_capped(eta)
     # e / expm1(e), written so that no derivative of it forms inf / inf for large e.
     return e * jnp.exp(-e) / -jnp.expm1(-e), -e
 
 
 def _cloglog_pair(eta):
-    e = jnp.exp(jnp.minimum(eta, 700.0))
+    e = _exp_capped(eta)
     # log(1 - exp(-e)) is log(-expm1(-e)); for tiny e that is log(e) to first order, exact here.
     return jnp.log(-jnp.expm1(-e)), -e
 
@@ -131,19 +140,19 @@ LINKS: dict[str, Link] = {
         "probit",
         linkfun=ndtri,
         linkinv=ndtr,
-        mu_eta=lambda eta: jnp.exp(-0.5 * eta**2) / jnp.sqrt(2 * jnp.pi),
+        mu_eta=lambda eta: jnp.exp(_log_phi(eta)),
         log_mu_pair=lambda eta: (log_ndtr(eta), log_ndtr(-eta)),
         dlog_mu_pair=_probit_dpair,
-        log_mu_eta=lambda eta: -0.5 * eta**2 - 0.5 * jnp.log(2 * jnp.pi),
+        log_mu_eta=_log_phi,
     ),
     "cloglog": Link(
         "cloglog",
         linkfun=lambda mu: jnp.log(-jnp.log1p(-mu)),
         linkinv=_cloglog_inv,
-        mu_eta=lambda eta: jnp.exp(jnp.minimum(eta, 700.0) - jnp.exp(jnp.minimum(eta, 700.0))),
+        mu_eta=lambda eta: jnp.exp(jnp.minimum(eta, 700.0) - _exp_capped(eta)),
         log_mu_pair=_cloglog_pair,
         dlog_mu_pair=_cloglog_dpair,
-        log_mu_eta=lambda eta: eta - jnp.exp(jnp.minimum(eta, 700.0)),
+        log_mu_eta=lambda eta: eta - _exp_capped(eta),
     ),
     "cauchit": Link(
         "cauchit",

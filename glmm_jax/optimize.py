@@ -7,8 +7,9 @@ returns only arrays, and never raises, so it can be ``jax.jit``-ed, ``jax.vmap``
 1. ``beta`` from the GLM without random effects (IRLS), ``theta = 1`` (lme4's start).
 2. optax's L-BFGS direction with a backtracking line search, the inner modes warm-started from
    the last accepted point, until the deviance stops falling quickly.
-3. Newton polish with the exact Hessian (eigenvalues made positive, backtracking line search),
-   in the same loop once L-BFGS slows down.
+3. Newton steps (eigenvalues made positive, backtracking line search) in the same loop once
+   L-BFGS slows down, or from the start on large data: the exact Hessian on the first step and
+   near the optimum, BFGS updates in between.
 4. When a variance ends near zero (``theta`` below ``boundary_theta``), Newton runs again with
    that variance fixed at exactly zero, and the lower deviance wins: this is how a singular fit
    is found and flagged without chasing ``log(0)``.
@@ -65,7 +66,6 @@ class Control:
         passes over the data cost less than the extra iterations.
     lbfgs_max_rows, lbfgs_min_params : int
         The thresholds of that choice.
-
     lbfgs_rtol : float
         L-BFGS stops when the deviance falls by less than this, relative, in one iteration.
     newton_maxiter : int
@@ -78,10 +78,11 @@ class Control:
         this; in between, BFGS updates from that exact start. On 10^6 rows an exact Hessian
         costs about three gradients, and a fit far from its start saves two or three.
     gradient_tol : float
-        A fit is reported converged only if the largest free gradient entry is below this
-        (scaled by ``1 + |deviance| / n``-free units: the deviance gradient itself).
+        A fit whose last line search failed still counts as converged when the largest free
+        entry of the deviance gradient is below this (rounding stopped it at the optimum).
     boundary_theta : float
-        A diagonal ``theta`` below this after L-BFGS makes the boundary fit a candidate.
+        A diagonal ``theta`` below this at the interior optimum makes the boundary fit (that
+        variance fixed at zero) a candidate.
     singular_tol : float
         ``theta`` diagonals below this are reported singular (lme4's ``isSingular`` tolerance).
     inner : InnerControl
@@ -115,7 +116,8 @@ class FitOutput(NamedTuple):
     status : () int, see :class:`Status`.
     lbfgs_iterations, newton_iterations : () int.
     evaluations : () int
-        Deviance evaluations (each with its own conditional-mode solve) in both stages.
+        Deviance evaluations in both stages: one with the gradient per iteration, plus each
+        line-search trial (which solves the conditional modes afresh).
     condvar : (G, Q, Q) conditional covariance of each level's random effects ``b_g``.
     """
 

@@ -42,7 +42,8 @@ class FitInfo:
         ``"converged"``, ``"iteration limit"``, ``"line search failed"`` or ``"non-finite"``.
     lbfgs_iterations, newton_iterations : int
     evaluations : int
-        Laplace deviance evaluations, each with its inner conditional-mode solve.
+        Laplace deviance evaluations: one with the gradient per iteration, plus each
+        line-search trial (which solves the conditional modes afresh).
     gradient_norm : float
         Largest absolute entry of the deviance gradient at the optimum (free parameters).
     seconds : float
