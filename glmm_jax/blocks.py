@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-__all__ = ["chol", "chol_solve", "chol_logdet", "chol_inverse"]
+__all__ = ["chol", "tri_solve", "tri_solve_t", "chol_solve", "chol_logdet", "chol_inverse"]
 
 _UNROLL_MAX = 6
 
@@ -34,19 +34,31 @@ def chol(H: jnp.ndarray) -> jnp.ndarray:
     )
 
 
-def chol_solve(L: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """Solve ``L L' x = b`` blockwise; ``L`` is ``(G, Q, Q)``, ``b`` is ``(G, Q)``."""
+def tri_solve(L: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Solve ``L z = b`` blockwise (forward substitution); ``L`` ``(G, Q, Q)``, ``b`` ``(G, Q)``."""
     q = L.shape[-1]
     if q > _UNROLL_MAX:
-        z = solve_triangular(L, b[..., None], lower=True)
-        return solve_triangular(L, z, lower=True, trans=1)[..., 0]
+        return solve_triangular(L, b[..., None], lower=True)[..., 0]
     z = []
     for i in range(q):
         z.append((b[:, i] - sum(L[:, i, k] * z[k] for k in range(i))) / L[:, i, i])
+    return jnp.stack(z, -1)
+
+
+def tri_solve_t(L: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
+    """Solve ``L' x = z`` blockwise (back substitution)."""
+    q = L.shape[-1]
+    if q > _UNROLL_MAX:
+        return solve_triangular(L, z[..., None], lower=True, trans=1)[..., 0]
     x = [None] * q
     for i in reversed(range(q)):
-        x[i] = (z[i] - sum(L[:, k, i] * x[k] for k in range(i + 1, q))) / L[:, i, i]
+        x[i] = (z[:, i] - sum(L[:, k, i] * x[k] for k in range(i + 1, q))) / L[:, i, i]
     return jnp.stack(x, -1)
+
+
+def chol_solve(L: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Solve ``L L' x = b`` blockwise; ``L`` is ``(G, Q, Q)``, ``b`` is ``(G, Q)``."""
+    return tri_solve_t(L, tri_solve(L, b))
 
 
 def chol_logdet(L: jnp.ndarray) -> jnp.ndarray:

@@ -21,6 +21,7 @@ import formulaic
 import numpy as np
 import pandas as pd
 
+from .blocked import Coupling
 from .families import Binomial, Family
 from .formula import FormulaSpec, parse_formula
 from .laplace import ModelArrays
@@ -133,7 +134,7 @@ class Design:
     M : (p, p) array
         ``beta = M gamma`` maps preconditioned coefficients back to the user's columns.
     levels : dict
-        Grouping factor -> level labels (``pd.Index``).
+        Grouping factor -> level labels (``pd.Index``), largest factor first (lme4's order).
     order : (nobs,) array
         Position in the used rows of each sorted row.
     index : pd.Index
@@ -141,8 +142,14 @@ class Design:
     y_mean : (nobs,) array
         Response on the mean's scale (a proportion for the binomial), in data order.
     fixed_spec, random_specs
-        formulaic model specs to rebuild the matrices for new data (``None`` for a random
-        intercept, whose column is all ones).
+        formulaic model specs to rebuild the matrices for new data: one for the fixed part,
+        and per grouping factor one per random term (``None`` for a random intercept, whose
+        column is all ones).
+    factor_columns : dict
+        Grouping factor -> the data columns whose interaction it is.
+    factor_codes, factor_Z : dict
+        Grouping factor -> level code and random-effect covariates of each used row, in data
+        order.
     """
 
     spec: FormulaSpec
@@ -160,7 +167,10 @@ class Design:
     prior_weights: np.ndarray
     offset: np.ndarray
     fixed_spec: object
-    random_specs: list
+    random_specs: dict[str, list]
+    factor_columns: dict[str, tuple[str, ...]]
+    factor_codes: dict[str, np.ndarray]
+    factor_Z: dict[str, np.ndarray]
     dropped_columns: list[str]
 
     @property
@@ -324,6 +334,130 @@ def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
     return v, np.ones_like(v), w, v
 
 
+#: Effects outside the largest grouping factor are held in one dense block (``blocked.py``):
+#: above this many, its ``R x R`` factor would exhaust memory, so such models are refused.
+MAX_DENSE_EFFECTS = 20_000
+#: Pairs of (level, effect) pairs that share a level of the largest factor, at most.
+MAX_PAIR_PAIRS = 50_000_000
+
+
+@dataclasses.dataclass
+class _Factor:
+    """One grouping factor of a design: its levels, rows and terms, before padding."""
+
+    name: str
+    columns: tuple[str, ...]
+    codes: np.ndarray
+    labels: pd.Index
+    Z: np.ndarray
+    terms: list
+    specs: list
+
+
+def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame, family: Family, trials):
+    """The model's grouping factors, largest first, with their random-effect columns.
+
+    lme4 orders random terms by decreasing number of levels (stable), and so does ``theta``;
+    the largest factor keeps a block-diagonal Hessian block (``blocked.py``).
+    """
+    factors: dict[str, _Factor] = {}
+    for rt in spec.random:
+        name = rt.group_name
+        if name not in factors:
+            codes, labels = _factor_codes(df, rt.group)
+            factors[name] = _Factor(name, rt.group, codes, labels, None, [], [])
+        f = factors[name]
+        if rt.expr.strip() == "1":
+            # The random intercept, by far the commonest term: no formulaic round trip.
+            cols, Zt = ["(Intercept)"], np.ones((len(df), 1))
+            f.specs.append(None)
+        else:
+            mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
+            cols = [_lme4_name(c) for c in mm.columns]
+            f.specs.append(mm.model_spec)
+            Zt = np.asarray(mm, dtype=float)
+        if rt.correlated:
+            f.terms.append(Term(name, tuple(cols)))
+        else:
+            f.terms.extend(Term(name, (c,)) for c in cols)
+        f.Z = Zt if f.Z is None else np.concatenate([f.Z, Zt], axis=1)
+    ordered = sorted(factors.values(), key=lambda f: -len(f.labels))
+    n = len(df)
+    for f in ordered:
+        G = len(f.labels)
+        if G < 2:
+            raise DataError(
+                f"grouping factor {f.name!r} has {G} level in the data used; a random effect "
+                "needs at least 2 levels"
+            )
+        if G == n and not family.observation_level_identifiable(trials):
+            raise DataError(
+                f"grouping factor {f.name!r} has one level per observation ({n}): its variance "
+                f"cannot be identified for this {family.name} response (an observation-level "
+                "random effect needs counts, or binomial responses with more than one trial)"
+            )
+    rest = sum(len(f.labels) * f.Z.shape[1] for f in ordered[1:])
+    if rest > MAX_DENSE_EFFECTS:
+        raise DataError(
+            f"{rest} random effects lie outside the largest grouping factor "
+            f"({ordered[0].name!r}); the dense block that couples them would need "
+            f"{rest**2 * 8 / 2**30:.1f} GiB, and at most {MAX_DENSE_EFFECTS} are supported"
+        )
+    return ordered
+
+
+def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, R: int) -> Coupling:
+    """Index arrays of the blocked Cholesky factorisation (``blocked.Coupling``), padded.
+
+    ``group`` holds the sorted first-factor codes of the used rows and ``rest`` ``(n, C)`` the
+    position in ``u_r`` of each row's other effects.
+    """
+    n, C = rest.shape
+    key = (group[:, None].astype(np.int64) * max(R, 1) + rest).reshape(-1)
+    pairs, obs_pair = np.unique(key, return_inverse=True)
+    P = len(pairs)
+    pair_level, pair_rest = pairs // max(R, 1), pairs % max(R, 1)
+    # Every ordered pair of pairs that share a level: pairs are sorted by level, so the
+    # partners of pair p are the contiguous run of its level.
+    per_level = np.bincount(pair_level, minlength=G_pad)
+    starts = np.cumsum(per_level) - per_level
+    partners = per_level[pair_level]
+    M = int(partners.sum())
+    if M > MAX_PAIR_PAIRS:
+        raise DataError(
+            f"the grouping factors cross too densely: {M} pairs of effects share a level of "
+            f"the largest factor (at most {MAX_PAIR_PAIRS} are supported)"
+        )
+    left = np.repeat(np.arange(P), partners)
+    right = (
+        starts[pair_level[left]]
+        + np.arange(M)
+        - np.repeat(np.cumsum(partners) - partners, partners)
+    )
+    # Padding points at a last, dummy pair that no weighted row touches (its value is zero).
+    P_pad, M_pad = bucket(P + 1, 16), bucket(M, 64)
+    dummy = P_pad - 1
+
+    def fill(a, size, value):
+        return np.pad(a.astype(np.int32), (0, size - len(a)), constant_values=value)
+
+    def rows(a, value):
+        return np.pad(
+            a.reshape(n, C).astype(np.int32), ((0, n_pad - n), (0, 0)), constant_values=value
+        )
+
+    return Coupling(
+        rest=rows(rest, 0),
+        obs_pair=rows(obs_pair, dummy),
+        pair_level=fill(pair_level, P_pad, G_pad - 1),
+        pair_rest=fill(pair_rest, P_pad, 0),
+        pp_left=fill(left, M_pad, dummy),
+        pp_right=fill(right, M_pad, dummy),
+        pp_level=fill(pair_level[left], M_pad, G_pad - 1),
+        pp_flat=fill(pair_rest[left] * R + pair_rest[right], M_pad, 0),
+    )
+
+
 def build_design(
     formula: str | FormulaSpec,
     data: pd.DataFrame,
@@ -341,8 +475,8 @@ def build_design(
     ------
     DataError
         Missing columns, non-numeric or out-of-range responses, bad weights.
-    NotImplementedError
-        Random terms on more than one grouping factor (not yet supported).
+        Also grouping factors with one level, or with one level per observation where that
+        variance cannot be identified, or too many effects outside the largest factor.
     """
     spec = formula if isinstance(formula, FormulaSpec) else parse_formula(formula)
     if not isinstance(data, pd.DataFrame):
@@ -351,12 +485,6 @@ def build_design(
         raise ValueError(
             f"formula {spec.formula!r} has no random-effects term such as (1 | group); "
             "for a model without random effects use a GLM"
-        )
-    factors = spec.grouping_factors
-    if len(factors) > 1:
-        raise NotImplementedError(
-            f"random terms on several grouping factors ({', '.join(factors)}) are not supported "
-            "yet; this version fits models whose random terms share one grouping factor"
         )
     used = list(_required_variables(spec))
     _check_columns(data, used, spec.formula)
@@ -392,32 +520,17 @@ def build_design(
     for expr in spec.offsets:
         off = off + _evaluate(expr, df, "offset")
 
-    codes, labels = _factor_codes(df, spec.random[0].group)
-    factor = spec.random[0].group_name
-    terms, Z_cols, random_specs = [], [], []
-    for rt in spec.random:
-        if rt.expr.strip() == "1":
-            # The random intercept, by far the commonest term: no formulaic round trip.
-            cols, Zt = ["(Intercept)"], np.ones((len(df), 1))
-            random_specs.append(None)
-        else:
-            mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
-            cols = [_lme4_name(c) for c in mm.columns]
-            random_specs.append(mm.model_spec)
-            Zt = np.asarray(mm, dtype=float)
-        if rt.correlated:
-            terms.append(Term(factor, tuple(cols)))
-        else:
-            terms.extend(Term(factor, (c,)) for c in cols)
-        Z_cols.append(Zt)
-    Z = np.concatenate(Z_cols, axis=1)
+    n = len(df)
+    factors = _grouping_factors(spec, df, family, trials)
+    first = factors[0]
+    terms = [t for f in factors for t in f.terms]
     structure = ReStructure(tuple(terms))
 
-    n, G = len(df), len(labels)
     M = _preconditioner(R, float(n))
     # A stable radix sort on narrow integer codes: O(n), where argsort on int64 is O(n log n).
+    G = len(first.labels)
     narrow = np.uint16 if G <= np.iinfo(np.uint16).max else np.uint32
-    order = np.argsort(codes.astype(narrow), kind="stable")
+    order = np.argsort(first.codes.astype(narrow), kind="stable")
     n_pad, G_pad = bucket(n, 64), bucket(G, 16)
 
     def pad(a, fill=0.0):
@@ -426,15 +539,37 @@ def build_design(
         np.take(a.astype(dtype, copy=False), order, axis=0, out=out[:n])
         return out
 
+    group = np.pad(first.codes[order].astype(np.int32), (0, n_pad - n), constant_values=G - 1)
+    others = factors[1:]
+    rest_levels = tuple(
+        np.pad(np.ones(len(f.labels)), (0, bucket(len(f.labels), 16) - len(f.labels))).astype(dtype)
+        for f in others
+    )
+    if others:
+        Zr = np.concatenate([f.Z for f in others], axis=1)
+        rest, offset = [], 0
+        for f, mask in zip(others, rest_levels, strict=True):
+            q = f.Z.shape[1]
+            rest.append(offset + f.codes[:, None] * q + np.arange(q)[None, :])
+            offset += mask.shape[0] * q
+        rest = np.concatenate(rest, axis=1)[order]
+        coupling = _coupling(group[:n], rest, n_pad, G_pad, offset)
+    else:
+        Zr = np.zeros((n, 0))
+        coupling = _coupling(group[:n], np.zeros((n, 0), np.int64), n_pad, G_pad, 0)
+
     arrays = ModelArrays(
         X=pad(X @ M),
         y=pad(y),
         trials=pad(trials, 1.0),
         weights=pad(prior_w),
         offset=pad(off),
-        Z=pad(Z),
-        group=np.pad(codes[order].astype(np.int32), (0, n_pad - n), constant_values=G - 1),
+        Z=pad(first.Z),
+        group=group,
         level_mask=np.pad(np.ones(G), (0, G_pad - G)).astype(dtype),
+        Zr=pad(Zr),
+        rest_levels=rest_levels,
+        coupling=coupling,
     )
     return Design(
         spec=spec,
@@ -444,7 +579,7 @@ def build_design(
         nobs=n,
         fixef_names=names,
         M=M,
-        levels={factor: labels},
+        levels={f.name: f.labels for f in factors},
         order=order,
         index=df.index,
         y_mean=ymean,
@@ -452,6 +587,9 @@ def build_design(
         prior_weights=prior_w,
         offset=off,
         fixed_spec=fixed_spec,
-        random_specs=random_specs,
+        random_specs={f.name: f.specs for f in factors},
+        factor_columns={f.name: f.columns for f in factors},
+        factor_codes={f.name: f.codes for f in factors},
+        factor_Z={f.name: f.Z for f in factors},
         dropped_columns=dropped,
     )

@@ -21,6 +21,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import gammaln, xlogy
 
 from .links import Link, _softplus, get_link
@@ -107,6 +108,11 @@ class Family:
     def simulate(self, key: Array, mu: Array, trials: Array) -> Array:  # pragma: no cover
         raise NotImplementedError
 
+    def observation_level_identifiable(self, trials) -> bool:
+        """Whether a grouping factor with one level per observation has an identifiable
+        variance: an overdispersion term for counts, not for a 0/1 or gaussian response."""
+        return True
+
     def __str__(self) -> str:
         return f"{self.name}({self.link.name})"
 
@@ -174,6 +180,10 @@ class Binomial(Family):
     def dev_resid(self, y, trials, mu):
         p = y / jnp.where(trials > 0, trials, 1.0)
         return 2.0 * trials * (xlogy(p, p / mu) + xlogy(1.0 - p, (1.0 - p) / (1.0 - mu)))
+
+    def observation_level_identifiable(self, trials) -> bool:
+        # A Bernoulli response has no variance left over for a per-observation effect.
+        return bool(np.any(np.asarray(trials) > 1))
 
     def mustart(self, y, trials):
         # R's binomial()$initialize: (m y + 0.5) / (m + 1) on the proportion scale.

@@ -1,21 +1,25 @@
-"""The Laplace-approximate deviance of a GLMM with one grouping factor, as pure JAX.
+"""The Laplace-approximate deviance of a GLMM, as pure JAX.
 
 Notation (lme4's, Bates et al. 2015): ``eta = offset + X beta + Z Lambda_theta u``, ``u ~ N(0, I)``.
-For one grouping factor every level ``g`` has its own ``u_g`` (length ``Q``) and the same
-``Q x Q`` lower-triangular block ``T`` of ``Lambda``, so ``eta_i = x_i' beta + offset_i +
-(T' z_i)' u_{g(i)}``.
+Every level ``g`` of a grouping factor has its own ``u_g`` (length ``Q``, the factor's number of
+random-effect columns) and the same ``Q x Q`` lower-triangular block ``T`` of ``Lambda``, so
+the first factor contributes ``(T' z_i)' u_{g(i)}`` to ``eta_i``. The modes are held as a pair
+``u = (u_1, u_r)``: ``u_1`` ``(G, Q)`` for the first (largest) grouping factor and ``u_r`` the
+other factors' effects stacked into one vector (empty with one factor; see ``blocked.py``).
 
-* The conditional mode ``u*`` maximises ``sum_i w_i log p(y_i | eta_i) - |u|^2 / 2``. The
-  problem separates by level, so :func:`solve_modes` runs a damped Newton iteration on all
-  levels at once, with step-halving per level.
+* The conditional mode ``u*`` maximises ``sum_i w_i log p(y_i | eta_i) - |u|^2 / 2``. With one
+  grouping factor the problem separates by level, so :func:`solve_modes` runs a damped Newton
+  iteration on all levels at once, with step-halving per level; with several it takes Newton
+  steps with the blocked Cholesky factor of ``blocked.py`` and halves the whole step.
 * The Laplace deviance (``-2 log L``) at ``u*`` is
-  ``-2 sum_i w_i log p(y_i | u*) + |u*|^2 + sum_g log det(T' Z_g' W Z_g T + I)``
+  ``-2 sum_i w_i log p(y_i | u*) + |u*|^2 + log det(Lambda' Z' W Z Lambda + I)``
   with ``W`` the expected (Fisher) information, as lme4's PIRLS weights.
 * Derivatives of ``u*`` come from the implicit function theorem (a ``custom_jvp`` whose primal
   is the identity on the converged modes), never from differentiating the Newton iterations, so
   gradients and the exact Hessian of the deviance are cheap, exact, and compile small.
-* :func:`deviance_and_gradient` writes the gradient out by the adjoint method (three passes
-  over the data); the optimiser uses it, and its forward derivative as the exact Hessian.
+* :func:`deviance_and_gradient` writes the gradient out by the adjoint method for one grouping
+  factor (three passes over the data) and takes reverse-mode autodiff for several; the
+  optimiser uses it, and its forward derivative as the exact Hessian.
   :func:`laplace_deviance` stays the plain definition that autodiff checks it against.
 
 Nothing here raises inside jit; failures show up as non-finite values or as flags in the result.
@@ -31,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import blocked
+from .blocked import Coupling
 from .blocks import chol, chol_inverse, chol_logdet, chol_solve
 from .families import Family
 from .structure import ReStructure
@@ -45,6 +51,7 @@ __all__ = [
     "deviance_constant",
     "conditional_variances",
     "linear_predictor",
+    "zero_modes",
 ]
 
 
@@ -58,9 +65,16 @@ class ModelArrays(NamedTuple):
     trials : (n,) binomial trials (1 otherwise).
     weights : (n,) prior weights; 0 marks padding.
     offset : (n,) offset of the linear predictor.
-    Z : (n, Q) random-effect covariates of the grouping factor.
-    group : (n,) int32 level codes, sorted ascending.
+    Z : (n, Q) random-effect covariates of the first (largest) grouping factor.
+    group : (n,) int32 its level codes, sorted ascending.
     level_mask : (G,) 1 for a level that occurs, 0 for padding.
+    Zr : (n, C) random-effect covariates of the other grouping factors, side by side
+        (``C = 0`` with one factor).
+    rest_levels : tuple of (G_k,) arrays
+        For each other factor, 1 for a level that occurs, 0 for padding.
+    coupling : Coupling
+        Where each row's other effects sit in ``u_r``, and the index arrays of the blocked
+        Cholesky factorisation (``blocked.py``).
     """
 
     X: jnp.ndarray
@@ -71,6 +85,9 @@ class ModelArrays(NamedTuple):
     Z: jnp.ndarray
     group: jnp.ndarray
     level_mask: jnp.ndarray
+    Zr: jnp.ndarray
+    rest_levels: tuple
+    coupling: Coupling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,25 +110,88 @@ class InnerControl:
     max_halvings: int = 20
 
 
+def _several(structure: ReStructure) -> bool:
+    return len(structure.factors) > 1
+
+
+def rest_shapes(arrays: ModelArrays, structure: ReStructure) -> list[tuple[int, int]]:
+    """``(G_k, Q_k)`` of each grouping factor after the first, as laid out in ``u_r``."""
+    return [
+        (m.shape[0], structure.factor_q(f))
+        for m, f in zip(arrays.rest_levels, structure.factors[1:], strict=True)
+    ]
+
+
+def _rest_size(arrays: ModelArrays, structure: ReStructure) -> int:
+    return sum(G * q for G, q in rest_shapes(arrays, structure))
+
+
+def zero_modes(arrays: ModelArrays, structure: ReStructure, dtype):
+    """``u = (u_1, u_r)`` of zeros: the modes' shapes."""
+    u1 = jnp.zeros((arrays.level_mask.shape[0], arrays.Z.shape[1]), dtype)
+    return u1, jnp.zeros(_rest_size(arrays, structure), dtype)
+
+
 def _split(x, arrays: ModelArrays, structure: ReStructure, mask):
+    """``beta``, the first factor's block ``T`` and the block-diagonal ``T`` of the others."""
     p = arrays.X.shape[1]
     beta, phi = x[:p], x[p:]
-    (T,) = structure.lambda_blocks(structure.theta_from_phi(phi, mask))
-    return beta, T
+    T, *others = structure.lambda_blocks(structure.theta_from_phi(phi, mask))
+    T_rest = jax.scipy.linalg.block_diag(*others) if others else jnp.zeros((0, 0), x.dtype)
+    return beta, T, T_rest
 
 
 def linear_predictor(x, u, arrays: ModelArrays, structure: ReStructure, mask):
-    """``eta``, and the rows ``T' z_i`` (as ``Z T``), at ``x = (beta, phi)`` and modes ``u``."""
-    beta, T = _split(x, arrays, structure, mask)
-    ZT = arrays.Z @ T
-    eta = arrays.X @ beta + arrays.offset + jnp.sum(ZT * u[arrays.group], axis=1)
-    return eta, ZT
+    """``eta`` and the rows of ``Z Lambda`` (first factor, others) at ``x = (beta, phi)``."""
+    beta, T, T_rest = _split(x, arrays, structure, mask)
+    u1, ur = u
+    ZT, ZTr = arrays.Z @ T, arrays.Zr @ T_rest
+    eta = arrays.X @ beta + arrays.offset + jnp.sum(ZT * u1[arrays.group], axis=1)
+    if _several(structure):
+        eta = eta + jnp.sum(ZTr * ur[arrays.coupling.rest], axis=1)
+    return eta, ZT, ZTr
 
 
 def _segsum(values, arrays: ModelArrays):
     return jax.ops.segment_sum(
         values, arrays.group, num_segments=arrays.level_mask.shape[0], indices_are_sorted=True
     )
+
+
+def _rest_sum(values, arrays: ModelArrays, R: int):
+    """Sum ``(n, C)`` values into the ``R`` effects of ``u_r`` they multiply."""
+    return jax.ops.segment_sum(values.reshape(-1), arrays.coupling.rest.reshape(-1), num_segments=R)
+
+
+def _gradient_of_modes(u, d1, ZT, ZTr, arrays: ModelArrays):
+    """``u - Lambda' Z' d1``: the gradient of the inner objective (``d1`` the weighted score)."""
+    u1, ur = u
+    return u1 - _segsum(d1[:, None] * ZT, arrays), ur - _rest_sum(
+        d1[:, None] * ZTr, arrays, ur.shape[0]
+    )
+
+
+def _hessian_factor(w, ZT, ZTr, arrays: ModelArrays, structure: ReStructure):
+    """Cholesky factor of ``Lambda' Z' diag(w) Z Lambda + I``: blockwise with one factor,
+    blocked (``blocked.py``) with several."""
+    if not _several(structure):
+        return chol(_block_hessian(w, ZT, arrays))
+    G, R = arrays.level_mask.shape[0], _rest_size(arrays, structure)
+    blocks = blocked.assemble(w, ZT, ZTr, arrays.group, G, arrays.coupling, R)
+    return blocked.factor(*blocks, arrays.coupling)
+
+
+def _hessian_solve(F, b, arrays: ModelArrays, structure: ReStructure):
+    b1, br = b
+    if not _several(structure):
+        return chol_solve(F, b1), br
+    return blocked.solve(F, b1, br, arrays.coupling)
+
+
+def _hessian_logdet(F, structure: ReStructure):
+    if not _several(structure):
+        return jnp.sum(chol_logdet(F))
+    return blocked.logdet(F)
 
 
 def _score_terms(family: Family, arrays: ModelArrays, eta):
@@ -135,13 +215,24 @@ def _block_hessian(w, ZT, arrays: ModelArrays):
 def solve_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
     """Conditional modes ``u*`` by damped Newton from ``u0``: ``(u*, iterations, converged)``.
 
+    ``u0`` and ``u*`` are pairs ``(u_1, u_r)``. Not differentiable (the iteration is never
+    differentiated): :func:`implicit_modes` attaches the derivatives of the converged modes.
+    """
+    u0 = jax.lax.stop_gradient(u0)
+    if _several(structure):
+        return _solve_modes_blocked(x, arrays, u0, mask, family, structure, control)
+    u1, it, done = _solve_modes_one(x, arrays, u0[0], mask, family, structure, control)
+    return (u1, u0[1]), it, done
+
+
+def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerControl):
+    """One grouping factor: Newton on every level at once, step-halving level by level.
+
     Each trial point costs one pass over the data: the log-density, score and curvature come
     from one elementwise evaluation, and every per-level sum (objective, gradient, Hessian) from
-    one stacked segment sum; an accepted trial's sums are the next Newton step's inputs. Not
-    differentiable (the iteration is never differentiated): :func:`implicit_modes` attaches
-    the derivatives of the converged modes.
+    one stacked segment sum; an accepted trial's sums are the next Newton step's inputs.
     """
-    beta, T = _split(x, arrays, structure, mask)
+    beta, T, _ = _split(x, arrays, structure, mask)
     # Loop invariants, hoisted by hand: XLA does not move them out of the while loop.
     eta_fixed = arrays.X @ beta + arrays.offset
     ZT = arrays.Z @ T
@@ -192,7 +283,59 @@ def solve_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
         done = jnp.max(jnp.abs(delta)) < control.tol
         return u + step[:, None] * delta, h, grad, H, it + 1, done
 
-    u0 = jax.lax.stop_gradient(u0)
+    state = (u0, *at(u0), jnp.int32(0), jnp.array(False))
+    u, _, _, _, it, done = jax.lax.while_loop(cond, body, state)
+    return u, it, done
+
+
+def _solve_modes_blocked(x, arrays, u0, mask, family, structure, control: InnerControl):
+    """Several grouping factors: Newton steps with the blocked Cholesky factor of the Hessian.
+
+    The objective no longer separates by level, so a step is halved as a whole until the
+    objective does not rise. Each trial costs one pass over the data and one factorisation.
+    """
+    beta, T, T_rest = _split(x, arrays, structure, mask)
+    eta_fixed = arrays.X @ beta + arrays.offset
+    ZT, ZTr = arrays.Z @ T, arrays.Zr @ T_rest
+    rest = arrays.coupling.rest
+
+    def at(u):
+        """Objective, gradient and the Newton Hessian's factor at modes ``u``."""
+        u1, ur = u
+        eta = eta_fixed + jnp.sum(ZT * u1[arrays.group], axis=1) + jnp.sum(ZTr * ur[rest], axis=1)
+        ll, d1, d2 = family.kernel_score_curvature(arrays.y, arrays.trials, eta)
+        w = arrays.weights
+        h = -jnp.sum(w * ll) + 0.5 * (jnp.sum(u1**2) + jnp.sum(ur**2))
+        grad = _gradient_of_modes(u, w * d1, ZT, ZTr, arrays)
+        # Observed information floored at 0, as with one factor, so H stays positive definite.
+        F = _hessian_factor(w * jnp.maximum(-d2, 0.0), ZT, ZTr, arrays, structure)
+        return h, grad, F
+
+    def cond(state):
+        *_, it, done = state
+        return (it < control.maxiter) & ~done
+
+    def body(state):
+        u, h0, grad, F, it, _ = state
+        delta = jax.tree_util.tree_map(jnp.negative, _hessian_solve(F, grad, arrays, structure))
+        slack = 1e-12 * (1.0 + jnp.abs(h0))
+
+        def halve_cond(s):
+            *_, k, worse = s
+            return (k < control.max_halvings) & worse
+
+        def halve_body(s):
+            step, _, _, _, k, _ = s
+            step = 0.5 * step
+            h, g, Fn = at(jax.tree_util.tree_map(lambda a, d: a + step * d, u, delta))
+            return step, h, g, Fn, k + 1, ~(h <= h0 + slack)
+
+        init = (jnp.asarray(2.0, h0.dtype), h0, grad, F, 0, jnp.array(True))
+        step, h, grad, F, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
+        u = jax.tree_util.tree_map(lambda a, d: a + step * d, u, delta)
+        size = jnp.maximum(jnp.max(jnp.abs(delta[0])), jnp.max(jnp.abs(delta[1])))
+        return u, h, grad, F, it + 1, size < control.tol
+
     state = (u0, *at(u0), jnp.int32(0), jnp.array(False))
     u, _, _, _, it, done = jax.lax.while_loop(cond, body, state)
     return u, it, done
@@ -203,8 +346,8 @@ def implicit_modes(x, arrays, u_star, mask, family, structure):
     """Identity on converged modes ``u_star = u*(x)``, with the derivatives of ``u*(x)``.
 
     By the implicit function theorem, with ``F(u, x) = 0`` the stationarity condition,
-    ``du*/dx = -(dF/du)^{-1} dF/dx``, where ``dF/du`` is the observed Hessian block of each
-    level. Because the primal is the identity, differentiating a function of these modes (to
+    ``du*/dx = -(dF/du)^{-1} dF/dx``, where ``dF/du`` is the observed Hessian of the inner
+    problem. Because the primal is the identity, differentiating a function of these modes (to
     any order) never differentiates, or even re-runs, the Newton iteration that found them.
     """
     return u_star
@@ -219,14 +362,16 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
 
     def stationarity(xx):
-        eta, ZT = linear_predictor(xx, u, arrays, structure, mask)
+        eta, ZT, ZTr = linear_predictor(xx, u, arrays, structure, mask)
         d1, d2 = _score_terms(family, arrays, eta)
-        # The observed Hessian block rides along as auxiliary output: eta and the score's
+        # The observed Hessian's pieces ride along as auxiliary output: eta and the score's
         # derivative are computed once for both.
-        return u - _segsum(d1[:, None] * ZT, arrays), _block_hessian(-d2, ZT, arrays)
+        return _gradient_of_modes(u, d1, ZT, ZTr, arrays), (-d2, ZT, ZTr)
 
-    _, dF, H = jax.jvp(stationarity, (x,), (dx,), has_aux=True)
-    return u, -chol_solve(chol(H), dF)
+    _, dF, (info, ZT, ZTr) = jax.jvp(stationarity, (x,), (dx,), has_aux=True)
+    F = _hessian_factor(info, ZT, ZTr, arrays, structure)
+    du = _hessian_solve(F, dF, arrays, structure)
+    return u, jax.tree_util.tree_map(jnp.negative, du)
 
 
 def laplace_deviance(x, arrays, u_star, mask, family, structure):
@@ -238,8 +383,8 @@ def laplace_deviance(x, arrays, u_star, mask, family, structure):
     x : (p + n_theta,) array
         ``beta`` (in the preconditioned basis) followed by ``phi`` (see ``structure.py``).
     arrays : ModelArrays
-    u_star : (G, Q) array
-        The conditional modes at ``x`` (from :func:`solve_modes`).
+    u_star : pair of arrays
+        The conditional modes ``(u_1, u_r)`` at ``x`` (from :func:`solve_modes`).
     mask : (n_theta,) array
         1, or 0 for a variance held at the boundary.
     family, structure
@@ -248,11 +393,11 @@ def laplace_deviance(x, arrays, u_star, mask, family, structure):
     Differentiable in ``x`` to any order through :func:`implicit_modes`.
     """
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
-    eta, ZT = linear_predictor(x, u, arrays, structure, mask)
+    eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
     ll = jnp.sum(arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta))
     w = arrays.weights * family.fisher_weight(arrays.trials, eta)
-    logdet = jnp.sum(chol_logdet(chol(_block_hessian(w, ZT, arrays))))
-    return -2.0 * ll + jnp.sum(u**2) + logdet
+    logdet = _hessian_logdet(_hessian_factor(w, ZT, ZTr, arrays, structure), structure)
+    return -2.0 * ll + jnp.sum(u[0] ** 2) + jnp.sum(u[1] ** 2) + logdet
 
 
 def deviance_constant(arrays: ModelArrays, family: Family):
@@ -273,13 +418,19 @@ def deviance_and_gradient(x, arrays, u_star, mask, family, structure):
     ``dD/dT = sum_g [R_g u_g' + K_g lambda_g' + 2 S_g T A_g^{-1}]`` with ``R_g = sum r_i z_i``,
     ``K_g = sum k'_i z_i``, ``S_g = sum W_i z_i z_i'``.
 
+    With several grouping factors the gradient is reverse-mode autodiff of
+    :func:`laplace_deviance` (through the same implicit derivatives of the modes).
+
     Differentiable in ``x`` (forward mode) through :func:`implicit_modes`, so ``jax.jacfwd`` of
     the gradient is the exact Hessian.
     """
+    if _several(structure):
+        return jax.value_and_grad(laplace_deviance)(x, arrays, u_star, mask, family, structure)
     p = arrays.X.shape[1]
-    u = implicit_modes(x, arrays, u_star, mask, family, structure)
-    _, T = _split(x, arrays, structure, mask)
-    eta, ZT = linear_predictor(x, u, arrays, structure, mask)
+    u_pair = implicit_modes(x, arrays, u_star, mask, family, structure)
+    u = u_pair[0]
+    _, T, _ = _split(x, arrays, structure, mask)
+    eta, ZT, _ = linear_predictor(x, u_pair, arrays, structure, mask)
     Z, w, group = arrays.Z, arrays.weights, arrays.group
     eye = jnp.eye(Z.shape[1], dtype=Z.dtype)
     kernel = w * family.loglik_kernel(arrays.y, arrays.trials, eta)
@@ -312,14 +463,20 @@ def deviance_and_gradient(x, arrays, u_star, mask, family, structure):
 
 
 def conditional_variances(x, u, arrays, mask, family, structure):
-    """Conditional covariance of ``b_g = T u_g``: ``T (T' Z_g' W Z_g T + I)^{-1} T'``.
+    """Conditional covariance of each level's effects ``b_g = T u_g``, factor by factor.
 
-    Shape ``(G, Q, Q)``.
-
-    This is lme4's ``condVar``: the inverse of the Laplace Hessian, mapped to the ``b`` scale.
+    A tuple with one ``(G_k, Q_k, Q_k)`` array per grouping factor (padded levels included):
+    ``T`` times the matching diagonal block of ``(Lambda' Z' W Z Lambda + I)^{-1}`` times
+    ``T'``. This is lme4's ``condVar``: the inverse of the Laplace Hessian on the ``b`` scale.
     """
-    eta, ZT = linear_predictor(x, u, arrays, structure, mask)
+    eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
     w = arrays.weights * family.fisher_weight(arrays.trials, eta)
-    Hinv = chol_inverse(chol(_block_hessian(w, ZT, arrays)))
-    _, T = _split(x, arrays, structure, mask)
-    return jnp.einsum("ij,gjk,lk->gil", T, Hinv, T)
+    F = _hessian_factor(w, ZT, ZTr, arrays, structure)
+    if _several(structure):
+        inverses = blocked.inverse_blocks(F, arrays.coupling, rest_shapes(arrays, structure))
+    else:
+        inverses = (chol_inverse(F),)
+    blocks = structure.lambda_blocks(structure.theta_from_phi(x[arrays.X.shape[1] :], mask))
+    return tuple(
+        jnp.einsum("ij,gjk,lk->gil", T, V, T) for T, V in zip(blocks, inverses, strict=True)
+    )

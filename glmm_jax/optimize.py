@@ -33,6 +33,7 @@ from .laplace import (
     deviance_constant,
     laplace_deviance,
     solve_modes,
+    zero_modes,
 )
 from .structure import ReStructure
 
@@ -108,7 +109,7 @@ class FitOutput(NamedTuple):
     Attributes
     ----------
     x : (p + n_theta,) optimum ``(beta, phi)`` in the preconditioned basis.
-    u : (G, Q) conditional modes.
+    u : pair ``(u_1, u_r)`` of conditional modes (``laplace.py``).
     mask : (n_theta,) 0 where a variance is at the boundary.
     deviance : () Laplace deviance ``-2 log L``.
     grad : (p + n_theta,) gradient of the deviance (0 for fixed coordinates).
@@ -118,11 +119,13 @@ class FitOutput(NamedTuple):
     evaluations : () int
         Deviance evaluations in both stages: one with the gradient per iteration, plus each
         line-search trial (which solves the conditional modes afresh).
-    condvar : (G, Q, Q) conditional covariance of each level's random effects ``b_g``.
+    condvar : tuple of (G_k, Q_k, Q_k)
+        Conditional covariance of each level's random effects ``b_g``, one array per grouping
+        factor.
     """
 
     x: jnp.ndarray
-    u: jnp.ndarray
+    u: tuple
     mask: jnp.ndarray
     deviance: jnp.ndarray
     grad: jnp.ndarray
@@ -131,7 +134,7 @@ class FitOutput(NamedTuple):
     lbfgs_iterations: jnp.ndarray
     newton_iterations: jnp.ndarray
     evaluations: jnp.ndarray
-    condvar: jnp.ndarray
+    condvar: tuple
 
 
 def glm_start(arrays: ModelArrays, family: Family, maxiter: int = 25) -> jnp.ndarray:
@@ -229,6 +232,11 @@ class _LoopState(NamedTuple):
     near: jnp.ndarray  # the decrement has fallen below exact_hessian_below
 
 
+def _where(condition, a, b):
+    """``jnp.where`` over matching PyTrees (the modes are a pair of arrays)."""
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(condition, x, y), a, b)
+
+
 def _symmetric_free(H, both):
     """Symmetrise ``H`` and zero the rows and columns of fixed coordinates."""
     return jnp.where(both, 0.5 * (H + H.T), 0.0)
@@ -314,7 +322,7 @@ def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, contr
         )
         return _LoopState(
             x=x_new,
-            u=jnp.where(move, u_new, u),
+            u=_where(move, u_new, u),
             opt_state=opt_state,
             newton=to_newton,
             lbfgs_its=it_l,
@@ -378,8 +386,7 @@ def fit_arrays(
     dtype = arrays.X.dtype
     if x0 is None:
         x0 = jnp.concatenate([glm_start(arrays, family), jnp.zeros(n_theta, dtype)])
-    G = arrays.level_mask.shape[0]
-    u_zero = jnp.zeros((G, arrays.Z.shape[1]), dtype)
+    u_zero = zero_modes(arrays, structure, dtype)
     diag = jnp.asarray(structure.diagonal)
     watch = jnp.concatenate([jnp.zeros(p, bool), diag])
 
@@ -410,7 +417,7 @@ def fit_arrays(
         free = jnp.concatenate([jnp.ones(p, bool), ~candidate])
         skip = (k == 1) & ~jnp.any(candidate)
         x_start = jnp.where(k == 0, x0, x_prev)
-        u_start = jnp.where(k == 0, u_zero, u_prev)
+        u_start = _where(k == 0, u_zero, u_prev)
         value, dev_and_grad = objective(mask)
         u_start = jax.lax.cond(skip, lambda: u_start, lambda: value(x_start, u_start)[1])
         res = _minimize(value, dev_and_grad, x_start, u_start, free, watch, k == 0, skip, control)
@@ -420,7 +427,9 @@ def fit_arrays(
     masks, xs, us, vs, gs, Hs, its_l, its_n, evals, statuses = stages
     use_boundary = (statuses[1] != _SKIP) & (vs[1] <= vs[0] + 1e-6)
     pick = use_boundary.astype(jnp.int32)
-    mask, x, u, v, g, H, status = (a[pick] for a in (masks, xs, us, vs, gs, Hs, statuses))
+    mask, x, u, v, g, H, status = jax.tree_util.tree_map(
+        lambda a: a[pick], (masks, xs, us, vs, gs, Hs, statuses)
+    )
     g_max = jnp.max(jnp.abs(g))
     status = jnp.where(
         (status == Status.LINESEARCH) & (g_max < control.gradient_tol), Status.CONVERGED, status

@@ -11,6 +11,7 @@ import functools
 import html
 import math
 
+import jax
 import numpy as np
 import pandas as pd
 import scipy.stats
@@ -125,7 +126,7 @@ class GLMMResult:
     def __init__(
         self, design: Design, out: FitOutput, seconds: float, control, data_name: str = "data"
     ):
-        out = FitOutput(*(np.asarray(a) for a in out))
+        out = jax.tree_util.tree_map(np.asarray, out)
         self._design = design
         self._out = out
         self._control = control
@@ -180,19 +181,40 @@ class GLMMResult:
         )
 
     # ---------------------------------------------------------------- random effects
-    def _blocks(self):
-        return [np.asarray(T) for T in self._design.structure.lambda_blocks(self.theta)]
+    def _blocks(self) -> dict[str, np.ndarray]:
+        """Grouping factor -> its relative covariance factor ``T`` (lme4's Lambda block)."""
+        structure = self._design.structure
+        blocks = structure.lambda_blocks(self.theta)
+        return dict(zip(structure.factors, (np.asarray(T) for T in blocks), strict=True))
+
+    @functools.cached_property
+    def _modes(self) -> dict[str, np.ndarray]:
+        """Grouping factor -> conditional modes on the ``u`` scale, ``(levels, Q)``."""
+        d = self._design
+        u1, ur = self._out.u
+        first, *others = d.structure.factors
+        modes = {first: u1[: len(d.levels[first])]}
+        offset = 0
+        for factor, mask in zip(others, d.arrays.rest_levels, strict=True):
+            G_pad, q = mask.shape[0], d.structure.factor_q(factor)
+            block = ur[offset : offset + G_pad * q].reshape(G_pad, q)
+            modes[factor] = block[: len(d.levels[factor])]
+            offset += G_pad * q
+        return modes
+
+    @functools.cached_property
+    def _b(self) -> dict[str, np.ndarray]:
+        """Grouping factor -> conditional modes ``b = T u`` of each level, ``(levels, Q)``."""
+        blocks = self._blocks()
+        return {f: u @ blocks[f].T for f, u in self._modes.items()}
 
     @functools.cached_property
     def ranef(self) -> dict[str, pd.DataFrame]:
         """Grouping factor -> conditional modes ``b`` (levels x terms), lme4's ``ranef``."""
         d = self._design
-        (T,) = self._blocks()
-        (factor,) = d.structure.factors
-        levels = d.levels[factor]
-        b = self._out.u[: len(levels)] @ T.T
         return {
-            factor: pd.DataFrame(b, index=levels, columns=list(d.structure.factor_names(factor)))
+            f: pd.DataFrame(b, index=d.levels[f], columns=list(d.structure.factor_names(f)))
+            for f, b in self._b.items()
         }
 
     @functools.cached_property
@@ -209,29 +231,34 @@ class GLMMResult:
     def varcorr(self) -> pd.DataFrame:
         """Variances, covariances, sds and correlations: lme4's ``as.data.frame(VarCorr(m))``."""
         structure = self._design.structure
-        (T,) = self._blocks()
-        (factor,) = structure.factors
+        blocks = self._blocks()
         rows = []
-        offset = 0
-        for term in structure.factor_terms(factor):
-            q = term.q
-            Tt = T[offset : offset + q, offset : offset + q]
-            S = Tt @ Tt.T
-            sds = np.sqrt(np.diag(S))
-            for i in range(q):
-                rows.append((term.group, term.names[i], None, S[i, i], sds[i]))
-            for j in range(q):
-                for i in range(j + 1, q):
-                    corr = S[i, j] / (sds[i] * sds[j]) if sds[i] > 0 and sds[j] > 0 else np.nan
-                    rows.append((term.group, term.names[j], term.names[i], S[i, j], corr))
-            offset += q
+        for factor in structure.factors:
+            T = blocks[factor]
+            offset = 0
+            for term in structure.factor_terms(factor):
+                q = term.q
+                Tt = T[offset : offset + q, offset : offset + q]
+                S = Tt @ Tt.T
+                sds = np.sqrt(np.diag(S))
+                for i in range(q):
+                    rows.append((term.group, term.names[i], None, S[i, i], sds[i]))
+                for j in range(q):
+                    for i in range(j + 1, q):
+                        ok = sds[i] > 0 and sds[j] > 0
+                        corr = S[i, j] / (sds[i] * sds[j]) if ok else np.nan
+                        rows.append((term.group, term.names[j], term.names[i], S[i, j], corr))
+                offset += q
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
     @property
     def condvar(self) -> dict[str, np.ndarray]:
         """Grouping factor -> conditional covariance of each level's effects, ``(G, Q, Q)``."""
-        (factor,) = self._design.structure.factors
-        return {factor: self._out.condvar[: len(self._design.levels[factor])]}
+        d = self._design
+        return {
+            f: V[: len(d.levels[f])]
+            for f, V in zip(d.structure.factors, self._out.condvar, strict=True)
+        }
 
     def ranef_frame(self) -> pd.DataFrame:
         """Tidy conditional modes, as ``as.data.frame(ranef(m))``.
@@ -261,14 +288,12 @@ class GLMMResult:
         d = self._design
         n, p = d.nobs, d.p
         a = d.arrays
-        eta = a.X[:n] @ self._out.x[:p] + a.offset[:n]
+        eta = np.empty(n)
+        eta[d.order] = a.X[:n] @ self._out.x[:p] + a.offset[:n]
         if with_random:
-            (T,) = self._blocks()
-            b = self._out.u @ T.T
-            eta = eta + np.sum(a.Z[:n] * b[a.group[:n]], axis=1)
-        out = np.empty(n)
-        out[d.order] = eta
-        return out
+            for f, b in self._b.items():
+                eta += np.sum(d.factor_Z[f] * b[d.factor_codes[f]], axis=1)
+        return eta
 
     def _eta_new(
         self, newdata: pd.DataFrame, with_random: bool, allow_new_levels: bool
@@ -282,16 +307,15 @@ class GLMMResult:
         eta = X[:, keep] @ self.fixef.to_numpy()
         for expr in d.spec.offsets:
             eta = eta + _evaluate(expr, newdata, "offset")
-        if with_random:
-            (T,) = self._blocks()
-            (factor,) = d.structure.factors
-            rterm = d.spec.random[0]
-            missing = [c for c in rterm.group if c not in newdata.columns]
+        if not with_random:
+            return eta
+        for factor, b in self._b.items():
+            columns = d.factor_columns[factor]
+            missing = [c for c in columns if c not in newdata.columns]
             if missing:
                 raise DataError(f"newdata lacks grouping column(s) {', '.join(missing)}")
-            labels = newdata[list(rterm.group)].astype(str).agg(":".join, axis=1)
-            known = pd.Index(d.levels[factor].astype(str))
-            codes = known.get_indexer(labels)
+            labels = newdata[list(columns)].astype(str).agg(":".join, axis=1)
+            codes = pd.Index(d.levels[factor].astype(str)).get_indexer(labels)
             if not allow_new_levels and np.any(codes < 0):
                 unseen = sorted(set(labels[codes < 0]))[:5]
                 raise DataError(f"newdata has levels of {factor!r} not in the fit: {unseen}")
@@ -300,14 +324,13 @@ class GLMMResult:
                     np.ones((len(newdata), 1))
                     if s is None
                     else np.asarray(s.get_model_matrix(newdata, na_action="ignore"), float)
-                    for s in d.random_specs
+                    for s in d.random_specs[factor]
                 ],
                 axis=1,
             )
-            b = self._out.u[: len(known)] @ T.T
             # Unseen levels get the population-level prediction (random effects 0).
-            contrib = np.where(codes >= 0, np.sum(Z * b[np.maximum(codes, 0)], axis=1), 0.0)
-            eta = eta + contrib
+            contrib = np.sum(Z * b[np.maximum(codes, 0)], axis=1)
+            eta = eta + np.where(codes >= 0, contrib, 0.0)
         return eta
 
     def predict(
@@ -383,26 +406,18 @@ class GLMMResult:
         the response as given: 0/1 or proportions (binomial with weights), successes for
         ``cbind`` responses, counts for the Poisson.
         """
-        import jax
-
         d = self._design
-        (factor,) = d.structure.factors
-        G = len(d.levels[factor])
-        (T,) = self._blocks()
+        blocks = self._blocks()
         eta_fixed = self._eta_fit(False)
-        n = d.nobs
-        a = d.arrays
-        Z = np.empty_like(a.Z[:n])
-        Z[d.order] = a.Z[:n]
-        codes = np.empty(n, dtype=np.int64)
-        codes[d.order] = a.group[:n]
         with precision():
             key = jax.random.PRNGKey(0 if seed is None else seed)
             sims = []
             for k in jax.random.split(key, nsim):
-                ku, ky = jax.random.split(k)
-                u = np.asarray(jax.random.normal(ku, (G, T.shape[0])))
-                eta = eta_fixed + np.sum(Z * (u @ T.T)[codes], axis=1)
+                *ku, ky = jax.random.split(k, 1 + len(blocks))
+                eta = eta_fixed.copy()
+                for kf, (f, T) in zip(ku, blocks.items(), strict=True):
+                    u = np.asarray(jax.random.normal(kf, (len(d.levels[f]), T.shape[0])))
+                    eta += np.sum(d.factor_Z[f] * (u @ T.T)[d.factor_codes[f]], axis=1)
                 mu = self.family.link.linkinv(jax.numpy.asarray(eta))
                 y = np.asarray(self.family.simulate(ky, mu, jax.numpy.asarray(d.trials)))
                 if isinstance(self.family, Binomial) and d.spec.response.kind != "cbind":
