@@ -35,24 +35,27 @@ def chol(H: jnp.ndarray) -> jnp.ndarray:
 
 
 def tri_solve(L: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """Solve ``L z = b`` blockwise (forward substitution); ``L`` ``(G, Q, Q)``, ``b`` ``(G, Q)``."""
+    """Solve ``L z = b`` blockwise (forward substitution): ``L`` ``(..., Q, Q)``, ``b``
+    ``(..., Q)``, leading dimensions broadcast."""
     q = L.shape[-1]
     if q > _UNROLL_MAX:
+        L = jnp.broadcast_to(L, b.shape[:-1] + L.shape[-2:])
         return solve_triangular(L, b[..., None], lower=True)[..., 0]
     z = []
     for i in range(q):
-        z.append((b[:, i] - sum(L[:, i, k] * z[k] for k in range(i))) / L[:, i, i])
+        z.append((b[..., i] - sum(L[..., i, k] * z[k] for k in range(i))) / L[..., i, i])
     return jnp.stack(z, -1)
 
 
 def tri_solve_t(L: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
-    """Solve ``L' x = z`` blockwise (back substitution)."""
+    """Solve ``L' x = z`` blockwise (back substitution), as :func:`tri_solve`."""
     q = L.shape[-1]
     if q > _UNROLL_MAX:
+        L = jnp.broadcast_to(L, z.shape[:-1] + L.shape[-2:])
         return solve_triangular(L, z[..., None], lower=True, trans=1)[..., 0]
     x = [None] * q
     for i in reversed(range(q)):
-        x[i] = (z[:, i] - sum(L[:, k, i] * x[k] for k in range(i + 1, q))) / L[:, i, i]
+        x[i] = (z[..., i] - sum(L[..., k, i] * x[k] for k in range(i + 1, q))) / L[..., i, i]
     return jnp.stack(x, -1)
 
 

@@ -21,7 +21,7 @@ import formulaic
 import numpy as np
 import pandas as pd
 
-from .blocked import Coupling
+from .blocked import DenseCoupling, SparseCoupling
 from .families import Binomial, Family
 from .formula import FormulaSpec, parse_formula
 from .laplace import ModelArrays
@@ -339,6 +339,8 @@ def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
 MAX_DENSE_EFFECTS = 20_000
 #: Pairs of (level, effect) pairs that share a level of the largest factor, at most.
 MAX_PAIR_PAIRS = 50_000_000
+#: Entries of the dense layout of the coupling block, at most (``blocked.DenseCoupling``).
+MAX_DENSE_COUPLING = 20_000_000
 
 
 @dataclasses.dataclass
@@ -406,11 +408,13 @@ def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame, family: Family, trial
     return ordered
 
 
-def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, R: int) -> Coupling:
-    """Index arrays of the blocked Cholesky factorisation (``blocked.Coupling``), padded.
+def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, q: int, R: int):
+    """Index arrays of the blocked Cholesky factorisation (``blocked.py``), padded.
 
-    ``group`` holds the sorted first-factor codes of the used rows and ``rest`` ``(n, C)`` the
-    position in ``u_r`` of each row's other effects.
+    ``group`` holds the sorted first-factor codes of the used rows, ``rest`` ``(n, C)`` the
+    position in ``u_r`` of each row's other effects, ``q`` the first factor's effects per level.
+    The dense layout is chosen where its matrix product costs at most a few times the sparse
+    layout's pairs of pairs (crossed designs); the sparse one otherwise (nested designs).
     """
     n, C = rest.shape
     key = (group[:, None].astype(np.int64) * max(R, 1) + rest).reshape(-1)
@@ -420,20 +424,25 @@ def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, R: in
     # Every ordered pair of pairs that share a level: pairs are sorted by level, so the
     # partners of pair p are the contiguous run of its level.
     per_level = np.bincount(pair_level, minlength=G_pad)
-    starts = np.cumsum(per_level) - per_level
     partners = per_level[pair_level]
     M = int(partners.sum())
+
+    def rows(a, value):
+        a = a.reshape(n, C).astype(np.int32)
+        return np.pad(a, ((0, n_pad - n), (0, 0)), constant_values=value)
+
+    dense_size = G_pad * R * q
+    if C and dense_size <= MAX_DENSE_COUPLING and dense_size * R <= 4 * M * q:
+        return DenseCoupling(rest=rows(rest, 0), obs_cell=rows(key, 0))
     if M > MAX_PAIR_PAIRS:
         raise DataError(
             f"the grouping factors cross too densely: {M} pairs of effects share a level of "
             f"the largest factor (at most {MAX_PAIR_PAIRS} are supported)"
         )
+    starts = np.cumsum(per_level) - per_level
     left = np.repeat(np.arange(P), partners)
-    right = (
-        starts[pair_level[left]]
-        + np.arange(M)
-        - np.repeat(np.cumsum(partners) - partners, partners)
-    )
+    within = np.arange(M) - np.repeat(np.cumsum(partners) - partners, partners)
+    right = starts[pair_level[left]] + within
     # Padding points at a last, dummy pair that no weighted row touches (its value is zero).
     P_pad, M_pad = bucket(P + 1, 16), bucket(M, 64)
     dummy = P_pad - 1
@@ -441,12 +450,7 @@ def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, R: in
     def fill(a, size, value):
         return np.pad(a.astype(np.int32), (0, size - len(a)), constant_values=value)
 
-    def rows(a, value):
-        return np.pad(
-            a.reshape(n, C).astype(np.int32), ((0, n_pad - n), (0, 0)), constant_values=value
-        )
-
-    return Coupling(
+    return SparseCoupling(
         rest=rows(rest, 0),
         obs_pair=rows(obs_pair, dummy),
         pair_level=fill(pair_level, P_pad, G_pad - 1),
@@ -553,10 +557,10 @@ def build_design(
             rest.append(offset + f.codes[:, None] * q + np.arange(q)[None, :])
             offset += mask.shape[0] * q
         rest = np.concatenate(rest, axis=1)[order]
-        coupling = _coupling(group[:n], rest, n_pad, G_pad, offset)
+        coupling = _coupling(group[:n], rest, n_pad, G_pad, first.Z.shape[1], offset)
     else:
         Zr = np.zeros((n, 0))
-        coupling = _coupling(group[:n], np.zeros((n, 0), np.int64), n_pad, G_pad, 0)
+        coupling = _coupling(group[:n], np.zeros((n, 0), np.int64), n_pad, G_pad, 1, 0)
 
     arrays = ModelArrays(
         X=pad(X @ M),

@@ -5,7 +5,8 @@ The grammar is lme4's. A formula is ``response ~ terms``; the right-hand side ho
 * fixed-effect terms, left to formulaic untouched (``x``, ``C(f)``, ``a*b``, ``I(x**2)``, ``0``);
 * ``offset(expr)`` terms, evaluated as numbers and added to the linear predictor;
 * random-effect terms ``(expr | g)`` (correlated) and ``(expr || g)`` (uncorrelated), where ``g``
-  is a factor ``g``, an interaction ``a:b`` or a nesting ``a/b`` (``= (expr | a) + (expr | a:b)``).
+  is a factor ``g``, an interaction ``a:b`` or a nesting ``a/b``
+  (``= (expr | b:a) + (expr | a)``, as lme4 expands it).
 
 The response is a column, an expression, or ``cbind(successes, failures)``.
 
@@ -169,7 +170,11 @@ def _call_args(text: str, name: str) -> list[str] | None:
 
 
 def _parse_group(text: str, where: str) -> list[tuple[str, ...]]:
-    """``g`` -> [(g,)], ``a:b`` -> [(a, b)], ``a/b`` -> [(a,), (a, b)]."""
+    """``g`` -> [(g,)], ``a:b`` -> [(a, b)], ``a/b`` -> [(b, a), (a,)].
+
+    A nesting expands as lme4's ``findbars`` does: innermost first, the interaction written
+    inner to outer (``a/b`` -> ``b:a`` and ``a``), so factor names and level labels match lme4's.
+    """
     text = text.strip()
     if not text:
         raise FormulaError(f"random term {where} has no grouping factor after '|'")
@@ -186,9 +191,9 @@ def _parse_group(text: str, where: str) -> list[tuple[str, ...]]:
                     f"grouping factor {n!r} in {where} must be a column name, an interaction "
                     "a:b, or a nesting a/b"
                 )
-        prefix = prefix + names
+        prefix = names + prefix
         groups.append(prefix)
-    return groups
+    return groups[::-1]
 
 
 def _strip_ticks(name: str) -> str:
@@ -232,7 +237,7 @@ def parse_formula(formula: str) -> FormulaSpec:
     --------
     >>> spec = parse_formula("y ~ x + (1 | a/b)")
     >>> [t.group_name for t in spec.random]
-    ['a', 'a:b']
+    ['b:a', 'a']
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import blocked
-from .blocked import Coupling
+from .blocked import DenseCoupling, SparseCoupling
 from .blocks import chol, chol_inverse, chol_logdet, chol_solve
 from .families import Family
 from .structure import ReStructure
@@ -72,7 +72,7 @@ class ModelArrays(NamedTuple):
         (``C = 0`` with one factor).
     rest_levels : tuple of (G_k,) arrays
         For each other factor, 1 for a level that occurs, 0 for padding.
-    coupling : Coupling
+    coupling : DenseCoupling or SparseCoupling
         Where each row's other effects sit in ``u_r``, and the index arrays of the blocked
         Cholesky factorisation (``blocked.py``).
     """
@@ -87,7 +87,7 @@ class ModelArrays(NamedTuple):
     level_mask: jnp.ndarray
     Zr: jnp.ndarray
     rest_levels: tuple
-    coupling: Coupling
+    coupling: DenseCoupling | SparseCoupling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,14 +171,14 @@ def _gradient_of_modes(u, d1, ZT, ZTr, arrays: ModelArrays):
     )
 
 
-def _hessian_factor(w, ZT, ZTr, arrays: ModelArrays, structure: ReStructure):
+def _hessian_factor(w, ZT, ZTr, arrays: ModelArrays, structure: ReStructure, differentiable):
     """Cholesky factor of ``Lambda' Z' diag(w) Z Lambda + I``: blockwise with one factor,
-    blocked (``blocked.py``) with several."""
+    blocked (``blocked.py``) with several, in a form cheap to differentiate if asked."""
     if not _several(structure):
         return chol(_block_hessian(w, ZT, arrays))
     G, R = arrays.level_mask.shape[0], _rest_size(arrays, structure)
     blocks = blocked.assemble(w, ZT, ZTr, arrays.group, G, arrays.coupling, R)
-    return blocked.factor(*blocks, arrays.coupling)
+    return blocked.factor(*blocks, arrays.coupling, differentiable)
 
 
 def _hessian_solve(F, b, arrays: ModelArrays, structure: ReStructure):
@@ -308,7 +308,7 @@ def _solve_modes_blocked(x, arrays, u0, mask, family, structure, control: InnerC
         h = -jnp.sum(w * ll) + 0.5 * (jnp.sum(u1**2) + jnp.sum(ur**2))
         grad = _gradient_of_modes(u, w * d1, ZT, ZTr, arrays)
         # Observed information floored at 0, as with one factor, so H stays positive definite.
-        F = _hessian_factor(w * jnp.maximum(-d2, 0.0), ZT, ZTr, arrays, structure)
+        F = _hessian_factor(w * jnp.maximum(-d2, 0.0), ZT, ZTr, arrays, structure, False)
         return h, grad, F
 
     def cond(state):
@@ -369,7 +369,7 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
         return _gradient_of_modes(u, d1, ZT, ZTr, arrays), (-d2, ZT, ZTr)
 
     _, dF, (info, ZT, ZTr) = jax.jvp(stationarity, (x,), (dx,), has_aux=True)
-    F = _hessian_factor(info, ZT, ZTr, arrays, structure)
+    F = _hessian_factor(info, ZT, ZTr, arrays, structure, True)
     du = _hessian_solve(F, dF, arrays, structure)
     return u, jax.tree_util.tree_map(jnp.negative, du)
 
@@ -396,7 +396,7 @@ def laplace_deviance(x, arrays, u_star, mask, family, structure):
     eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
     ll = jnp.sum(arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta))
     w = arrays.weights * family.fisher_weight(arrays.trials, eta)
-    logdet = _hessian_logdet(_hessian_factor(w, ZT, ZTr, arrays, structure), structure)
+    logdet = _hessian_logdet(_hessian_factor(w, ZT, ZTr, arrays, structure, True), structure)
     return -2.0 * ll + jnp.sum(u[0] ** 2) + jnp.sum(u[1] ** 2) + logdet
 
 
@@ -471,7 +471,7 @@ def conditional_variances(x, u, arrays, mask, family, structure):
     """
     eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
     w = arrays.weights * family.fisher_weight(arrays.trials, eta)
-    F = _hessian_factor(w, ZT, ZTr, arrays, structure)
+    F = _hessian_factor(w, ZT, ZTr, arrays, structure, False)
     if _several(structure):
         inverses = blocked.inverse_blocks(F, arrays.coupling, rest_shapes(arrays, structure))
     else:

@@ -30,10 +30,12 @@ def test_expression_response_and_offset():
 
 
 def test_uncorrelated_nested_and_interaction_groups():
-    spec = parse_formula("y ~ x + (x || g) + (1 | a/b) + (1 | c:d)")
+    spec = parse_formula("y ~ x + (x || g) + (1 | a/b) + (1 | c:d) + (1 | e/f/h)")
     assert spec.random[0] == RandomTerm("x", ("g",), correlated=False)
-    assert [t.group_name for t in spec.random[1:]] == ["a", "a:b", "c:d"]
-    assert spec.grouping_factors == ("g", "a", "a:b", "c:d")
+    # lme4's findbars: a/b -> b:a and a, innermost first; e/f/h -> h:f:e, f:e, e.
+    names = [t.group_name for t in spec.random[1:]]
+    assert names == ["b:a", "a", "c:d", "h:f:e", "f:e", "e"]
+    assert spec.random[1].group == ("b", "a")
 
 
 def test_several_terms_on_one_factor_and_no_intercept():

@@ -14,7 +14,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import GLMER_CASES, fit_case, reference
+from conftest import CROSSED_CASES, GLMER_CASES, fit_case, reference
+
+CASES = GLMER_CASES + CROSSED_CASES
 
 
 def r_name(name: str) -> str:
@@ -27,7 +29,7 @@ def _warned(ref) -> bool:
     return bool(msgs) and not ref["singular"]
 
 
-@pytest.mark.parametrize("case", GLMER_CASES)
+@pytest.mark.parametrize("case", CASES)
 def test_loglik_at_least_lme4(case):
     ref, m = reference(case), fit_case(case)
     assert m.loglik >= ref["loglik"] - 1e-4
@@ -42,7 +44,7 @@ def test_loglik_at_least_lme4(case):
     assert m.bic == pytest.approx(ref["BIC"], abs=0.01)
 
 
-@pytest.mark.parametrize("case", GLMER_CASES)
+@pytest.mark.parametrize("case", CASES)
 def test_fixed_effects_and_standard_errors(case):
     ref, m = reference(case), fit_case(case)
     se_ref = np.asarray(ref["se"])
@@ -55,7 +57,7 @@ def test_fixed_effects_and_standard_errors(case):
     )
 
 
-@pytest.mark.parametrize("case", GLMER_CASES)
+@pytest.mark.parametrize("case", CASES)
 def test_variance_components(case):
     ref, m = reference(case), fit_case(case)
     theta = np.atleast_1d(ref["theta"])
@@ -69,7 +71,7 @@ def test_variance_components(case):
         assert row.sdcor == pytest.approx(r["sdcor"], abs=2e-3)
 
 
-@pytest.mark.parametrize("case", GLMER_CASES)
+@pytest.mark.parametrize("case", CASES)
 def test_conditional_modes_and_sds(case):
     ref, m = reference(case), fit_case(case)
     for factor, r in ref["ranef"].items():
