@@ -1,15 +1,18 @@
 """Speed of glmer against the PyPI ``glmm`` package (Rust) and lme4, measured in the same run.
 
     python bench/bench_glmer.py            # all cases
-    python bench/bench_glmer.py --quick    # skip the 10^6-row case
+    python bench/bench_glmer.py --quick    # skip the 10^6-row and 10^5-row crossed cases
+    python bench/bench_glmer.py --only crossed   # only the cases whose name contains "crossed"
     python bench/bench_glmer.py --record   # also append the table to bench/RESULTS.md
 
 Each case times warm fits (compilation excluded for glmm_jax: the first fit is discarded), takes
 the median of several repeats, and reports the ratio ``peer / glmm_jax`` (above 1: glmm_jax is
 faster), with the log-likelihood difference to show both reached the same optimum. The
 fresh-process rows time ``python -c "glmer(seed model)"`` end to end, with an empty and with a
-warm persistent compilation cache. lme4 runs through ``Rscript`` when it is installed
-(``apt-get install r-cran-lme4``); otherwise the table says it was not measured.
+warm persistent compilation cache. The peak-memory rows fit the synthetic crossed model once
+in a fresh process per package and report its peak resident set size. lme4 runs through
+``Rscript`` when it is installed (``apt-get install r-cran-lme4``); otherwise the table says it
+was not measured.
 """
 
 from __future__ import annotations
@@ -55,27 +58,40 @@ def simulated_logit(n: int, groups: int, seed: int = 42) -> pd.DataFrame:
     return pd.DataFrame({"y": y, "x": x, "g": g})
 
 
-def glmm_fit(df, formula):
+def crossed_logit(n: int, G1: int, G2: int, seed: int = 7) -> pd.DataFrame:
+    """Crossed random intercepts: y ~ x + (1 | a) + (1 | b), sds 0.8 and 0.5."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, G1, n), rng.integers(0, G2, n)
+    x = rng.normal(size=n)
+    eta = -0.5 + 0.4 * x + rng.normal(scale=0.8, size=G1)[a] + rng.normal(scale=0.5, size=G2)[b]
+    y = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(float)
+    return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
+
+
+def glmm_fit(df, formula, family="binomial"):
     try:
         import glmm
     except ImportError:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return glmm.fit(df, formula, family="binomial")
+        return glmm.fit(df, formula, family=family)
 
 
-def lme4_seconds(csv: Path, formula: str, repeats: int) -> tuple[float, float] | None:
+def lme4_seconds(
+    csv: Path, formula: str, repeats: int, family: str = "binomial", factors=()
+) -> tuple[float, float] | None:
     """Median lme4 fit time and loglik via Rscript, or None without R/lme4."""
     if shutil.which("Rscript") is None:
         return None
+    columns = ", ".join(f'"{c}"' for c in ("school", "g", "a", "b", *factors))
     script = f"""
 suppressMessages(library(lme4))
 d <- read.csv("{csv}")
-for (v in c("school", "g")) if (v %in% names(d)) d[[v]] <- factor(d[[v]])
+for (v in c({columns})) if (v %in% names(d)) d[[v]] <- factor(d[[v]])
 f <- {formula}
-m <- glmer(f, data = d, family = binomial)
-t <- replicate({repeats}, system.time(glmer(f, data = d, family = binomial))[["elapsed"]])
+m <- glmer(f, data = d, family = {family})
+t <- replicate({repeats}, system.time(glmer(f, data = d, family = {family}))[["elapsed"]])
 cat(median(t), as.numeric(logLik(m)), "\\n")
 """
     res = subprocess.run(["Rscript", "-e", script], capture_output=True, text=True)
@@ -85,18 +101,18 @@ cat(median(t), as.numeric(logLik(m)), "\\n")
     return float(sec), float(ll)
 
 
-def case(name, df, formula, repeats, rows, lme4_repeats=0):
-    gj.glmer(formula, df)  # compile (or load from the persistent cache)
-    t_ours, m = median_time(lambda: gj.glmer(formula, df), repeats)
+def case(name, df, formula, repeats, rows, lme4_repeats=0, family="binomial", factors=()):
+    gj.glmer(formula, df, family=family)  # compile (or load from the persistent cache)
+    t_ours, m = median_time(lambda: gj.glmer(formula, df, family=family), repeats)
     row = {"case": name, "glmm_jax_s": t_ours, "loglik": m.loglik}
-    if glmm_fit(df, formula) is not None:
-        t_peer, f = median_time(lambda: glmm_fit(df, formula), repeats)
+    if glmm_fit(df, formula, family) is not None:
+        t_peer, f = median_time(lambda: glmm_fit(df, formula, family), repeats)
         row.update(glmm_s=t_peer, ratio_glmm=t_peer / t_ours, dll_glmm=m.loglik - f.loglik)
     if lme4_repeats:
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "d.csv"
             df.to_csv(csv, index=False)
-            r = lme4_seconds(csv, formula, lme4_repeats)
+            r = lme4_seconds(csv, formula, lme4_repeats, family, factors)
         if r is not None:
             row.update(lme4_s=r[0], ratio_lme4=r[0] / t_ours, dll_lme4=m.loglik - r[1])
     rows.append(row)
@@ -125,6 +141,43 @@ def fresh_process(rows, repeats: int):
         print(_fmt_row(row), flush=True)
 
 
+MEMORY_PROBE = """
+import resource, sys, warnings
+sys.path.insert(0, {here!r})
+from bench_glmer import crossed_logit
+df = crossed_logit({n}, {G1}, {G2})
+data_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if {package!r} == "glmm_jax":
+    import glmm_jax
+    glmm_jax.glmer({formula!r}, df)
+else:
+    import glmm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        glmm.fit(df, {formula!r}, family="binomial")
+print(data_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory(rows, n: int, G1: int, G2: int, formula: str):
+    """Peak resident memory of one fit in a fresh process, per package (MiB)."""
+    for package in ("glmm_jax", "glmm"):
+        code = MEMORY_PROBE.format(
+            here=str(HERE), n=n, G1=G1, G2=G2, package=package, formula=formula
+        )
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if res.returncode != 0:
+            continue
+        data_kb, peak_kb = map(int, res.stdout.split()[-2:])
+        row = {
+            "case": f"peak memory (MiB) of one crossed fit in a fresh process: {package} "
+            f"(data alone: {data_kb / 1024:.0f})",
+            "glmm_jax_s" if package == "glmm_jax" else "glmm_s": peak_kb / 1024,
+        }
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+
+
 def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
@@ -148,7 +201,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="skip the 10^6-row case")
+    ap.add_argument(
+        "--quick", action="store_true", help="skip the 10^6-row and 10^5-row crossed cases"
+    )
+    ap.add_argument("--only", default="", help="run only cases whose name contains this text")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -170,36 +226,67 @@ def main(argv=None) -> int:
     print(info)
     print(HEADER)
     rows: list[dict] = []
-    case(
-        "seed model, Exam (4,059 rows, 65 schools), warm",
-        gj.datasets.load_exam(),
-        SEED,
-        15,
-        rows,
-        5,
-    )
-    case(
-        "random-intercept logit, 10^5 rows, 10^3 groups, warm",
-        simulated_logit(10**5, 10**3),
-        "y ~ x + (1 | g)",
-        5,
-        rows,
-        3,
-    )
-    if not args.quick:
-        case(
+    exam = gj.datasets.load_exam
+    sim = simulated_logit
+    cases = [
+        ("seed model, Exam (4,059 rows, 65 schools), warm", exam, SEED, 15, 5, {}),
+        (
+            "random-intercept logit, 10^5 rows, 10^3 groups, warm",
+            lambda: sim(10**5, 10**3),
+            "y ~ x + (1 | g)",
+            5,
+            3,
+            {},
+        ),
+        (
             "random-intercept logit, 10^6 rows, 10^4 groups, warm",
-            simulated_logit(10**6, 10**4),
+            lambda: sim(10**6, 10**4),
             "y ~ x + (1 | g)",
             3,
-            rows,
-        )
-    fresh_process(rows, 3)
+            0,
+            {"slow": True},
+        ),
+        (
+            "crossed: VerbAgg (7,584 rows, 316 x 24), warm",
+            gj.datasets.load_verbagg,
+            "r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)",
+            7,
+            3,
+            {"factors": ("id", "item")},
+        ),
+        (
+            "crossed: sim_pois_crossed_offset (3,600 rows, 300 x 12), warm",
+            lambda: gj.datasets.load("sim_pois_crossed"),
+            "count ~ z + offset(log(exposure)) + (1 | site) + (1 | year)",
+            5,
+            3,
+            {"family": "poisson", "factors": ("site", "year")},
+        ),
+        (
+            "crossed: synthetic logit, 10^5 rows, 5,000 x 500, warm",
+            lambda: crossed_logit(10**5, 5000, 500),
+            "y ~ x + (1 | a) + (1 | b)",
+            3,
+            0,
+            {"slow": True},
+        ),
+    ]
+    for name, load, formula, repeats, lme4_repeats, opts in cases:
+        if args.only not in name or (args.quick and opts.get("slow")):
+            continue
+        kw = {k: v for k, v in opts.items() if k != "slow"}
+        case(name, load(), formula, repeats, rows, lme4_repeats, **kw)
+    # Peak memory of the synthetic crossed fit, whenever that case ran.
+    if any(r["case"].startswith("crossed: synthetic") for r in rows):
+        peak_memory(rows, 10**5, 5000, 500, "y ~ x + (1 | a) + (1 | b)")
+    if not args.only:
+        fresh_process(rows, 3)
     if args.record:
         with open(HERE / "RESULTS.md", "a") as f:
             f.write(
                 f"\n### {info}\n\n"
-                f"`python bench/bench_glmer.py{' --quick' if args.quick else ''}`\n\n"
+                f"`python bench/bench_glmer.py{' --quick' if args.quick else ''}"
+                f"{' --only ' + repr(args.only) if args.only else ''}`\n\n"
             )
             f.write(HEADER + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n")
     return 0

@@ -341,6 +341,10 @@ MAX_DENSE_EFFECTS = 20_000
 MAX_PAIR_PAIRS = 50_000_000
 #: Entries of the dense layout of the coupling block, at most (``blocked.DenseCoupling``).
 MAX_DENSE_COUPLING = 20_000_000
+#: The dense layout is used while its product costs at most this many times the sparse
+#: layout's pairs of pairs (a matrix product runs several times faster per entry than the
+#: gathers and scatters of the sparse one).
+DENSE_COST_RATIO = 4
 
 
 @dataclasses.dataclass
@@ -432,7 +436,7 @@ def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, q: in
         return np.pad(a, ((0, n_pad - n), (0, 0)), constant_values=value)
 
     dense_size = G_pad * R * q
-    if C and dense_size <= MAX_DENSE_COUPLING and dense_size * R <= 4 * M * q:
+    if C and dense_size <= MAX_DENSE_COUPLING and dense_size * R <= DENSE_COST_RATIO * M * q:
         return DenseCoupling(rest=rows(rest, 0), obs_cell=rows(key, 0))
     if M > MAX_PAIR_PAIRS:
         raise DataError(
