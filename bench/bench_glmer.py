@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import platform
 import shutil
@@ -142,11 +143,19 @@ def fresh_process(rows, repeats: int):
 
 
 MEMORY_PROBE = """
-import resource, sys, warnings
-sys.path.insert(0, {here!r})
-from bench_glmer import crossed_logit
+import sys, warnings
+import numpy as np
+import pandas as pd
+
+def peak_mib():
+    # VmHWM is this process's own high-water mark; ru_maxrss would carry the parent's across
+    # fork and exec.
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+
+{source}
 df = crossed_logit({n}, {G1}, {G2})
-data_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+data_mib = peak_mib()
 if {package!r} == "glmm_jax":
     import glmm_jax
     glmm_jax.glmer({formula!r}, df)
@@ -155,24 +164,25 @@ else:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         glmm.fit(df, {formula!r}, family="binomial")
-print(data_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(data_mib, peak_mib())
 """
 
 
 def peak_memory(rows, n: int, G1: int, G2: int, formula: str):
-    """Peak resident memory of one fit in a fresh process, per package (MiB)."""
+    """Peak resident memory (MiB) of one fit in a fresh process, per package (Linux)."""
+    source = inspect.getsource(crossed_logit)
     for package in ("glmm_jax", "glmm"):
         code = MEMORY_PROBE.format(
-            here=str(HERE), n=n, G1=G1, G2=G2, package=package, formula=formula
+            source=source, n=n, G1=G1, G2=G2, package=package, formula=formula
         )
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if res.returncode != 0:
             continue
-        data_kb, peak_kb = map(int, res.stdout.split()[-2:])
+        data_mib, peak = map(float, res.stdout.split()[-2:])
         row = {
-            "case": f"peak memory (MiB) of one crossed fit in a fresh process: {package} "
-            f"(data alone: {data_kb / 1024:.0f})",
-            "glmm_jax_s" if package == "glmm_jax" else "glmm_s": peak_kb / 1024,
+            "case": f"peak memory (MiB) of that crossed fit in a fresh process, {package} "
+            f"(the data alone: {data_mib:.0f} MiB)",
+            "glmm_jax_s" if package == "glmm_jax" else "glmm_s": peak,
         }
         rows.append(row)
         print(_fmt_row(row), flush=True)

@@ -21,7 +21,7 @@ the static sizes (:class:`DenseCoupling`, :class:`SparseCoupling`):
 * sparse, for nested and sparsely crossed designs: the design lists the (level, rest effect)
   *pairs* that share an observation, ``L21`` is one ``Q``-vector per pair,
   ``C_p = L11_g^{-1} a_p``, and ``L21 L21'`` is a sum over the *pairs of pairs* that share a
-  level.
+  level (each unordered pair of pairs once, the product being symmetric).
 
 Every shape is static. The dense Schur complement ``S = A22 - L21 L21'`` enters the deviance
 through :func:`spd_logdet` and :func:`spd_inverse`, whose derivatives are written with
@@ -82,7 +82,8 @@ class SparseCoupling(NamedTuple):
     pair_rest : (P,) int32
         The rest effect of each pair.
     pp_left, pp_right : (M,) int32
-        Every ordered pair of pairs that share a level of the first factor.
+        Every pair of pairs ``p <= p'`` that share a level of the first factor (the products
+        are symmetric, so each unordered pair is listed once and weighted twice).
     pp_level : (M,) int32
         That level, sorted ascending.
     pp_flat : (M,) int32
@@ -145,6 +146,11 @@ def _spd_logdet_jvp(primals, tangents):
     return spd_logdet(S), jnp.sum(spd_inverse(S) * dS)
 
 
+def _pair_weight(coupling: SparseCoupling):
+    """1/2 for a pair paired with itself: listed once, it is counted twice by ``X + X'``."""
+    return jnp.where(coupling.pp_left == coupling.pp_right, 0.5, 1.0)
+
+
 def _level_sum(values, index, num_levels):
     return jax.ops.segment_sum(values, index, num_segments=num_levels, indices_are_sorted=True)
 
@@ -185,8 +191,9 @@ def factor(A11, V, A22, coupling, differentiable: bool = False) -> BlockedCholes
         S = A22 - jnp.einsum("grq,gsq->rs", C, C)
     else:
         C = tri_solve(L11[coupling.pair_level], V)
-        cross = jnp.sum(C[coupling.pp_left] * C[coupling.pp_right], axis=1)
-        S = A22 - jax.ops.segment_sum(cross, coupling.pp_flat, num_segments=R * R).reshape(R, R)
+        cross = _pair_weight(coupling) * jnp.sum(C[coupling.pp_left] * C[coupling.pp_right], 1)
+        half = jax.ops.segment_sum(cross, coupling.pp_flat, num_segments=R * R).reshape(R, R)
+        S = A22 - (half + half.T)
     return BlockedCholesky(L11, C, S, None if differentiable else jnp.linalg.cholesky(S))
 
 
@@ -233,9 +240,10 @@ def inverse_blocks(F: BlockedCholesky, coupling, rest_shapes):
     if isinstance(coupling, DenseCoupling):
         inner = jnp.einsum("grq,rs,gsp->gqp", F.C, S_inv, F.C) + eye
     else:
-        s = S_inv.reshape(-1)[coupling.pp_flat]
+        s = _pair_weight(coupling) * S_inv.reshape(-1)[coupling.pp_flat]
         outer = F.C[coupling.pp_left][:, :, None] * F.C[coupling.pp_right][:, None, :]
-        inner = _level_sum(s[:, None, None] * outer, coupling.pp_level, G) + eye
+        half = _level_sum(s[:, None, None] * outer, coupling.pp_level, G)
+        inner = half + jnp.swapaxes(half, 1, 2) + eye
     L_inv = jnp.stack([tri_solve(F.L11, jnp.broadcast_to(eye[j], (G, q))) for j in range(q)], -1)
     blocks = [jnp.einsum("gji,gjk,gkl->gil", L_inv, inner, L_inv)]
     offset = 0

@@ -421,32 +421,36 @@ def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, q: in
     layout's pairs of pairs (crossed designs); the sparse one otherwise (nested designs).
     """
     n, C = rest.shape
-    key = (group[:, None].astype(np.int64) * max(R, 1) + rest).reshape(-1)
+    if C == 0:
+        # One grouping factor: nothing to couple.
+        none = np.zeros(0, np.int32)
+        rows0 = np.zeros((n_pad, 0), np.int32)
+        return SparseCoupling(rows0, rows0, none, none, none, none, none, none)
+    key = (group[:, None].astype(np.int64) * R + rest).reshape(-1)
     pairs, obs_pair = np.unique(key, return_inverse=True)
     P = len(pairs)
-    pair_level, pair_rest = pairs // max(R, 1), pairs % max(R, 1)
-    # Every ordered pair of pairs that share a level: pairs are sorted by level, so the
-    # partners of pair p are the contiguous run of its level.
+    pair_level, pair_rest = pairs // R, pairs % R
+    # Every pair of pairs p <= p' that share a level: pairs are sorted by level, so the
+    # partners of pair p are the rest of its level's contiguous run.
     per_level = np.bincount(pair_level, minlength=G_pad)
-    partners = per_level[pair_level]
+    starts = np.cumsum(per_level) - per_level
+    partners = per_level[pair_level] - (np.arange(P) - starts[pair_level])
     M = int(partners.sum())
 
     def rows(a, value):
         a = a.reshape(n, C).astype(np.int32)
         return np.pad(a, ((0, n_pad - n), (0, 0)), constant_values=value)
 
-    dense_size = G_pad * R * q
-    if C and dense_size <= MAX_DENSE_COUPLING and dense_size * R <= DENSE_COST_RATIO * M * q:
+    dense_size, ordered_pairs = G_pad * R * q, 2 * M - P
+    if dense_size <= MAX_DENSE_COUPLING and dense_size * R <= DENSE_COST_RATIO * ordered_pairs * q:
         return DenseCoupling(rest=rows(rest, 0), obs_cell=rows(key, 0))
     if M > MAX_PAIR_PAIRS:
         raise DataError(
             f"the grouping factors cross too densely: {M} pairs of effects share a level of "
             f"the largest factor (at most {MAX_PAIR_PAIRS} are supported)"
         )
-    starts = np.cumsum(per_level) - per_level
     left = np.repeat(np.arange(P), partners)
-    within = np.arange(M) - np.repeat(np.cumsum(partners) - partners, partners)
-    right = starts[pair_level[left]] + within
+    right = left + np.arange(M) - np.repeat(np.cumsum(partners) - partners, partners)
     # Padding points at a last, dummy pair that no weighted row touches (its value is zero).
     P_pad, M_pad = bucket(P + 1, 16), bucket(M, 64)
     dummy = P_pad - 1

@@ -19,6 +19,7 @@ import scipy.stats
 from ._config import precision
 from .design import DataError, Design, _evaluate, _lme4_name
 from .families import Binomial
+from .laplace import rest_shapes
 from .optimize import FitOutput, Status
 
 __all__ = ["GLMMResult", "FitInfo", "ConvergenceWarning", "SingularFitWarning"]
@@ -195,8 +196,7 @@ class GLMMResult:
         first, *others = d.structure.factors
         modes = {first: u1[: len(d.levels[first])]}
         offset = 0
-        for factor, mask in zip(others, d.arrays.rest_levels, strict=True):
-            G_pad, q = mask.shape[0], d.structure.factor_q(factor)
+        for factor, (G_pad, q) in zip(others, rest_shapes(d.arrays, d.structure), strict=True):
             block = ur[offset : offset + G_pad * q].reshape(G_pad, q)
             modes[factor] = block[: len(d.levels[factor])]
             offset += G_pad * q
