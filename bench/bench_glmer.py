@@ -265,7 +265,7 @@ def main(argv=None) -> int:
             {"factors": ("id", "item")},
         ),
         (
-            "crossed: sim_pois_crossed_offset (3,600 rows, 300 x 12), warm",
+            "crossed: sim_pois_crossed_offset (14,400 rows, 300 x 12), warm",
             lambda: gj.datasets.load("sim_pois_crossed"),
             "count ~ z + offset(log(exposure)) + (1 | site) + (1 | year)",
             5,
