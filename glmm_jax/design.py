@@ -91,12 +91,15 @@ def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarra
     cats = []
     for col in group:
         s = data[col]
-        c = (
-            s.cat.remove_unused_categories()
-            if isinstance(s.dtype, pd.CategoricalDtype)
-            else pd.Categorical(s)
-        )
-        cats.append(pd.Categorical(c))
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            c = s.array
+            # Dropping unused levels copies; skip it when every level occurs (the usual case).
+            codes = np.asarray(c.codes)
+            if not np.all(np.bincount(codes[codes >= 0], minlength=len(c.categories))):
+                c = c.remove_unused_categories()
+        else:
+            c = pd.Categorical(s)
+        cats.append(c)
     if len(cats) == 1:
         codes = np.asarray(cats[0].codes, dtype=np.int64)
         labels = pd.Index(cats[0].categories, name=group[0])
@@ -216,11 +219,17 @@ class NumericColumns:
     def column_names(self) -> tuple[str, ...]:
         return (("Intercept",) if self.intercept else ()) + self.columns
 
+    def matrix(self, data: pd.DataFrame) -> np.ndarray:
+        """The model matrix as a numpy array."""
+        values = np.empty((len(data), len(self.column_names)))
+        if self.intercept:
+            values[:, 0] = 1.0
+        for j, c in enumerate(self.columns, start=int(self.intercept)):
+            values[:, j] = data[c].to_numpy(dtype=float)
+        return values
+
     def get_model_matrix(self, data: pd.DataFrame, na_action=None) -> pd.DataFrame:
-        cols = [np.ones(len(data))] if self.intercept else []
-        cols += [np.asarray(data[c], dtype=float) for c in self.columns]
-        values = np.column_stack(cols) if cols else np.zeros((len(data), 0))
-        return pd.DataFrame(values, columns=list(self.column_names), index=data.index)
+        return pd.DataFrame(self.matrix(data), columns=list(self.column_names), index=data.index)
 
     @classmethod
     def match(cls, rhs: str, data: pd.DataFrame) -> NumericColumns | None:
@@ -243,12 +252,11 @@ class NumericColumns:
 def _fixed_matrix(spec: FormulaSpec, data: pd.DataFrame):
     simple = NumericColumns.match(spec.fixed, data)
     if simple is not None:
-        mm, model_spec = simple.get_model_matrix(data), simple
-    else:
-        mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
-        model_spec = mm.model_spec
+        names = [_lme4_name(c) for c in simple.column_names]
+        return simple.matrix(data), names, simple
+    mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
     names = [_lme4_name(c) for c in mm.columns]
-    return np.asarray(mm, dtype=float), names, model_spec
+    return np.asarray(mm, dtype=float), names, mm.model_spec
 
 
 def _drop_aliased(X: np.ndarray, names: list[str]):

@@ -143,7 +143,7 @@ class GLMMResult:
         gamma, phi = x[:p], x[p:]
         mask = out.mask
         self.theta = np.asarray(structure.theta_from_phi(phi, mask))
-        self.fixef = pd.Series(design.M @ gamma, index=design.fixef_names, name="Estimate")
+        self._beta = design.M @ gamma
 
         free = np.concatenate([np.ones(p, bool), mask > 0])
         H = out.hessian[np.ix_(free, free)]
@@ -154,10 +154,7 @@ class GLMMResult:
                 raise np.linalg.LinAlgError
         except np.linalg.LinAlgError:
             cov_x = np.full_like(H, np.nan)
-        cov_beta = design.M @ cov_x[:p, :p] @ design.M.T
-        names = design.fixef_names
-        self.vcov = pd.DataFrame(cov_beta, index=names, columns=names)
-        self.se = pd.Series(np.sqrt(np.diag(cov_beta)), index=names, name="Std. Error")
+        self._cov_beta = design.M @ cov_x[:p, :p] @ design.M.T
 
         self.deviance = float(out.deviance)
         self.loglik = -0.5 * self.deviance
@@ -180,6 +177,24 @@ class GLMMResult:
             gradient_norm=float(np.max(np.abs(g))) if g.size else 0.0,
             seconds=seconds,
         )
+
+    # The pandas objects are built on first access: they cost more than the arithmetic.
+    @functools.cached_property
+    def fixef(self) -> pd.Series:
+        """Fixed-effect estimates (lme4's ``fixef``)."""
+        return pd.Series(self._beta, index=self._design.fixef_names, name="Estimate")
+
+    @functools.cached_property
+    def vcov(self) -> pd.DataFrame:
+        """Covariance of the fixed effects, from the exact Hessian (lme4's ``vcov``)."""
+        names = self._design.fixef_names
+        return pd.DataFrame(self._cov_beta, index=names, columns=names)
+
+    @functools.cached_property
+    def se(self) -> pd.Series:
+        """Standard errors of the fixed effects."""
+        se = np.sqrt(np.diag(self._cov_beta))
+        return pd.Series(se, index=self._design.fixef_names, name="Std. Error")
 
     # ---------------------------------------------------------------- random effects
     def _blocks(self) -> dict[str, np.ndarray]:
