@@ -8,19 +8,24 @@
 from . import datasets
 from ._config import enable_compilation_cache
 from .design import DataError, build_design
-from .families import Binomial, Family, Poisson, binomial, get_family, poisson
-from .fit import fit_design, glmer
+from .families import Binomial, Family, Gaussian, Poisson, binomial, gaussian, get_family, poisson
+from .fit import fit_design, fit_lmm_design, glmer, lmer
 from .formula import FormulaError, FormulaSpec, parse_formula
 from .links import Link, get_link
+from .lmm import LmmOutput, fit_lmm_arrays
 from .optimize import Control, FitOutput, Status, fit_arrays
-from .results import ConvergenceWarning, FitInfo, GLMMResult, SingularFitWarning
+from .results import ConvergenceWarning, FitInfo, GLMMResult, LMMResult, SingularFitWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "glmer",
+    "lmer",
     "fit_design",
+    "fit_lmm_design",
     "fit_arrays",
+    "fit_lmm_arrays",
+    "LmmOutput",
     "build_design",
     "parse_formula",
     "FormulaSpec",
@@ -29,8 +34,10 @@ __all__ = [
     "Family",
     "Binomial",
     "Poisson",
+    "Gaussian",
     "binomial",
     "poisson",
+    "gaussian",
     "get_family",
     "Link",
     "get_link",
@@ -38,6 +45,7 @@ __all__ = [
     "FitOutput",
     "Status",
     "GLMMResult",
+    "LMMResult",
     "FitInfo",
     "ConvergenceWarning",
     "SingularFitWarning",

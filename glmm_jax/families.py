@@ -26,7 +26,17 @@ from jax.scipy.special import gammaln, xlogy
 
 from .links import Link, _softplus, get_link
 
-__all__ = ["Family", "Binomial", "Poisson", "binomial", "poisson", "get_family", "FAMILIES"]
+__all__ = [
+    "Family",
+    "Binomial",
+    "Poisson",
+    "Gaussian",
+    "binomial",
+    "poisson",
+    "gaussian",
+    "get_family",
+    "FAMILIES",
+]
 
 Array = jnp.ndarray
 
@@ -249,6 +259,49 @@ class Poisson(Family):
         return jax.random.poisson(key, mu).astype(mu.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Gaussian(Family):
+    """Normal responses with mean ``mu`` and variance ``sigma^2 / w``.
+
+    With the identity link this is the linear mixed model, fitted by :func:`glmm_jax.lmer`
+    (``sigma`` is profiled out there). Here the kernel is the log-density at ``sigma = 1``,
+    which is what simulation and residuals need.
+
+    Parameters
+    ----------
+    link : Link
+        One of identity (default), log, inverse.
+    """
+
+    name: str = dataclasses.field(default="gaussian", init=False)
+    valid_links: tuple[str, ...] = dataclasses.field(
+        default=("identity", "log", "inverse"), init=False, repr=False
+    )
+    fixed_dispersion: bool = dataclasses.field(default=False, init=False, repr=False)
+
+    def _kernel(self, y, trials, eta):
+        return -0.5 * (y - self.mu(eta)) ** 2
+
+    def loglik_const(self, y, trials):
+        return jnp.full_like(y, -0.5 * np.log(2.0 * np.pi))
+
+    def variance(self, mu):
+        return jnp.ones_like(mu)
+
+    def dev_resid(self, y, trials, mu):
+        return (y - mu) ** 2
+
+    def mustart(self, y, trials):
+        return y
+
+    def simulate(self, key, mu, trials):
+        return mu + jax.random.normal(key, mu.shape, mu.dtype)
+
+    def observation_level_identifiable(self, trials) -> bool:
+        # The residual is already a per-observation normal effect.
+        return False
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel(family, y, trials, eta):
     return family._kernel(y, trials, eta)
@@ -262,7 +315,11 @@ def _kernel_jvp(family, primals, tangents):
     return _kernel(family, y, trials, eta), family.score(y, trials, eta) * deta
 
 
-FAMILIES = {"binomial": (Binomial, "logit"), "poisson": (Poisson, "log")}
+FAMILIES = {
+    "binomial": (Binomial, "logit"),
+    "poisson": (Poisson, "log"),
+    "gaussian": (Gaussian, "identity"),
+}
 
 
 def binomial(link: str | Link = "logit") -> Binomial:
@@ -273,6 +330,11 @@ def binomial(link: str | Link = "logit") -> Binomial:
 def poisson(link: str | Link = "log") -> Poisson:
     """The Poisson family with the given link (lme4's ``poisson(link = ...)``)."""
     return Poisson(get_link(link))
+
+
+def gaussian(link: str | Link = "identity") -> Gaussian:
+    """The gaussian family with the given link (R's ``gaussian(link = ...)``)."""
+    return Gaussian(get_link(link))
 
 
 def get_family(family: str | Family, link: str | Link | None = None) -> Family:

@@ -20,17 +20,20 @@ import pandas as pd
 
 from ._config import precision, resolve_dtype
 from .design import Design, build_design
-from .families import Family, get_family
+from .families import Family, Gaussian, gaussian, get_family
 from .formula import FormulaSpec
+from .lmm import fit_lmm_arrays
 from .optimize import Control, fit_arrays
-from .results import ConvergenceWarning, GLMMResult, SingularFitWarning
+from .results import ConvergenceWarning, GLMMResult, LMMResult, SingularFitWarning
 
-__all__ = ["glmer", "fit_design", "compiled_fit"]
+__all__ = ["glmer", "lmer", "fit_design", "fit_lmm_design", "compiled_fit", "compiled_lmm"]
 
 #: The compiled core. Family, structure and control are static: one program per model
 #: structure and bucketed shape, reused across datasets (and across processes via the
 #: persistent compilation cache).
 compiled_fit = jax.jit(fit_arrays, static_argnames=("family", "structure", "control"))
+#: The compiled core of ``lmer``, likewise.
+compiled_lmm = jax.jit(fit_lmm_arrays, static_argnames=("structure", "reml", "control"))
 
 
 def fit_design(design: Design, control: Control | None = None, start=None) -> GLMMResult:
@@ -61,20 +64,24 @@ def fit_design(design: Design, control: Control | None = None, start=None) -> GL
         )
         out = jax.block_until_ready(out)
     result = GLMMResult(design, out, time.perf_counter() - t0, control)
+    _warn_about(result)
+    return result
+
+
+def _warn_about(result: GLMMResult) -> None:
     if result.singular:
         warnings.warn(
             "boundary (singular) fit: a variance component is estimated as zero",
             SingularFitWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     if not result.converged:
         warnings.warn(
             f"model failed to converge ({result.fit_info.status}; max|grad| = "
             f"{result.fit_info.gradient_norm:.3g})",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return result
 
 
 def _start_vector(design: Design, start: dict) -> np.ndarray:
@@ -88,6 +95,83 @@ def _start_vector(design: Design, start: dict) -> np.ndarray:
     theta = np.where(design.structure.diagonal, np.maximum(theta, 1e-4), theta)
     gamma = np.linalg.solve(design.M, beta)
     return np.concatenate([gamma, design.structure.phi_from_theta(theta)])
+
+
+def fit_lmm_design(
+    design: Design, reml: bool = True, control: Control | None = None, start=None
+) -> LMMResult:
+    """Run the compiled linear-mixed-model fit on a :class:`Design` and wrap the result.
+
+    ``start`` may give ``{"theta": array}`` on lme4's scale.
+    """
+    control = Control() if control is None else control
+    structure = design.structure
+    phi0 = None
+    if start is not None:
+        theta = np.asarray(start.get("theta", structure.diagonal), float).reshape(-1)
+        if theta.shape != (structure.n_theta,):
+            raise ValueError(f"start needs theta of length {structure.n_theta}")
+        theta = np.where(structure.diagonal, np.maximum(theta, 1e-4), theta)
+        phi0 = structure.phi_from_theta(theta).astype(design.arrays.X.dtype)
+    t0 = time.perf_counter()
+    with precision():
+        out = compiled_lmm(design.arrays, phi0, structure=structure, reml=reml, control=control)
+        out = jax.block_until_ready(out)
+    result = LMMResult(design, out, time.perf_counter() - t0, control, reml)
+    _warn_about(result)
+    return result
+
+
+def lmer(
+    formula: str | FormulaSpec,
+    data: pd.DataFrame,
+    reml: bool = True,
+    weights=None,
+    offset=None,
+    control: Control | None = None,
+    start: dict | None = None,
+    dtype: str = "float64",
+) -> LMMResult:
+    """Fit a linear mixed model by REML (default) or maximum likelihood, as lme4's ``lmer``.
+
+    The fixed effects and the residual standard deviation are profiled out, so the optimiser
+    sees ``theta`` only; any random-effects structure that :func:`glmer` takes works here.
+
+    Parameters
+    ----------
+    formula : str
+        An lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
+    data : pandas.DataFrame
+        The data; never modified.
+    reml : bool
+        REML (default, lme4's ``REML = TRUE``) or maximum likelihood.
+    weights : str or array-like, optional
+        Prior weights: observation ``i`` has residual variance ``sigma^2 / w_i``.
+    offset : str or array-like, optional
+        Added to the linear predictor, with any ``offset()`` terms of the formula.
+    control : Control, optional
+        Optimiser settings.
+    start : dict, optional
+        ``{"theta": ...}`` starting values on lme4's scale.
+    dtype : {"float64", "float32"}
+
+    Returns
+    -------
+    LMMResult
+        With ``sigma``, the REML criterion in ``summary()`` for REML fits, and t tests with
+        Satterthwaite degrees of freedom (``coef_table()``, ``df_satterthwaite``).
+
+    Examples
+    --------
+    >>> from glmm_jax import lmer, datasets
+    >>> m = lmer("Reaction ~ Days + (Days | Subject)", datasets.load_sleepstudy())
+    >>> round(m.deviance, 2)  # the REML criterion
+    1743.63
+    """
+    design = build_design(
+        formula, data, gaussian(), weights=weights, offset=offset, dtype=resolve_dtype(dtype)
+    )
+    return fit_lmm_design(design, reml=reml, control=control, start=start)
 
 
 def glmer(
@@ -113,7 +197,8 @@ def glmer(
         The data; never modified. Rows with missing values in used columns are dropped with a
         warning. Categorical columns keep their level order (the first level is the reference).
     family : str or Family
-        ``"binomial"`` or ``"poisson"``, or a :class:`Family` object.
+        ``"binomial"`` or ``"poisson"``, or a :class:`Family` object; ``"gaussian"`` with the
+        identity link is routed to :func:`lmer` (REML, as lme4 does), with a warning.
     link : str, optional
         Link name; default the family's canonical link.
     weights : str or array-like, optional
@@ -147,6 +232,21 @@ def glmer(
             "nAGQ=1 (the Laplace approximation) is"
         )
     fam = get_family(family, link)
+    if isinstance(fam, Gaussian):
+        if fam.link.name != "identity":
+            raise NotImplementedError(
+                f"the gaussian family with the {fam.link.name} link is not available yet; "
+                "with the identity link, lmer() fits the linear mixed model"
+            )
+        # lme4's glmer does the same: a gaussian identity GLMM is a linear mixed model.
+        warnings.warn(
+            "family='gaussian' with the identity link is a linear mixed model: fitted by "
+            "lmer() with REML=True, as lme4's glmer() does; call lmer() directly to choose "
+            "REML or ML",
+            UserWarning,
+            stacklevel=2,
+        )
+        return lmer(formula, data, True, weights, offset, control, start, dtype)
     dt = resolve_dtype(dtype)
     design = build_design(formula, data, fam, weights=weights, offset=offset, dtype=dt)
     return fit_design(design, control=control, start=start)

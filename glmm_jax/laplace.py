@@ -132,13 +132,17 @@ def zero_modes(arrays: ModelArrays, structure: ReStructure, dtype):
     return u1, jnp.zeros(_rest_size(arrays, structure), dtype)
 
 
+def lambda_factors(phi, structure: ReStructure, mask):
+    """The first factor's block ``T`` and the block-diagonal ``T`` of the others, at ``phi``."""
+    T, *others = structure.lambda_blocks(structure.theta_from_phi(phi, mask))
+    T_rest = jax.scipy.linalg.block_diag(*others) if others else jnp.zeros((0, 0), phi.dtype)
+    return T, T_rest
+
+
 def _split(x, arrays: ModelArrays, structure: ReStructure, mask):
     """``beta``, the first factor's block ``T`` and the block-diagonal ``T`` of the others."""
     p = arrays.X.shape[1]
-    beta, phi = x[:p], x[p:]
-    T, *others = structure.lambda_blocks(structure.theta_from_phi(phi, mask))
-    T_rest = jax.scipy.linalg.block_diag(*others) if others else jnp.zeros((0, 0), x.dtype)
-    return beta, T, T_rest
+    return x[:p], *lambda_factors(x[p:], structure, mask)
 
 
 def linear_predictor(x, u, arrays: ModelArrays, structure: ReStructure, mask):
@@ -159,8 +163,9 @@ def _segsum(values, arrays: ModelArrays):
 
 
 def _rest_sum(values, arrays: ModelArrays, R: int):
-    """Sum ``(n, C)`` values into the ``R`` effects of ``u_r`` they multiply."""
-    return jax.ops.segment_sum(values.reshape(-1), arrays.coupling.rest.reshape(-1), num_segments=R)
+    """Sum ``(n, C, ...)`` values into the ``R`` effects of ``u_r`` they multiply."""
+    flat = values.reshape(-1, *values.shape[2:])
+    return jax.ops.segment_sum(flat, arrays.coupling.rest.reshape(-1), num_segments=R)
 
 
 def _gradient_of_modes(u, d1, ZT, ZTr, arrays: ModelArrays):

@@ -37,7 +37,7 @@ from .laplace import (
 )
 from .structure import ReStructure
 
-__all__ = ["Control", "FitOutput", "Status", "fit_arrays", "glm_start"]
+__all__ = ["Control", "FitOutput", "Status", "fit_arrays", "fit_stages", "glm_start"]
 
 
 class Status:
@@ -86,6 +86,9 @@ class Control:
         variance fixed at zero) a candidate.
     singular_tol : float
         ``theta`` diagonals below this are reported singular (lme4's ``isSingular`` tolerance).
+    max_log_step : float
+        Largest change of a log standard deviation in one step (the direction is shortened,
+        then the line search runs as usual).
     inner : InnerControl
         Settings of the conditional-mode iteration.
     """
@@ -100,6 +103,7 @@ class Control:
     gradient_tol: float = 1e-3
     boundary_theta: float = 0.05
     singular_tol: float = 1e-4
+    max_log_step: float = 3.0
     inner: InnerControl = InnerControl()
 
 
@@ -294,6 +298,11 @@ def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, contr
         floor = 1e-8 * jnp.maximum(jnp.max(jnp.abs(ev)), 1.0)
         d_newton = -V @ ((V.T @ g) / jnp.maximum(jnp.abs(ev), floor))
         d = jnp.where(free, jnp.where(newton, d_newton, d_lbfgs), 0.0)
+        # A step may change a log standard deviation by at most max_log_step: far from the
+        # optimum a Newton step can otherwise jump a variance to near zero, where the boundary
+        # stage would take over from a point that is not the interior optimum.
+        longest = jnp.max(jnp.where(watch & free, jnp.abs(d), 0.0))
+        d = d * jnp.minimum(1.0, control.max_log_step / jnp.maximum(longest, 1e-300))
 
         decrement = -jnp.dot(g, d)
         # No tolerance below the rounding of the deviance itself (it matters in float32).
@@ -387,8 +396,6 @@ def fit_arrays(
     if x0 is None:
         x0 = jnp.concatenate([glm_start(arrays, family), jnp.zeros(n_theta, dtype)])
     u_zero = zero_modes(arrays, structure, dtype)
-    diag = jnp.asarray(structure.diagonal)
-    watch = jnp.concatenate([jnp.zeros(p, bool), diag])
 
     def objective(mask):
         def value(x, u):
@@ -400,15 +407,34 @@ def fit_arrays(
 
         return value, dev_and_grad
 
-    # Settings left to the static shapes (see Control): small data favour cheap iterations.
-    small, n_params = arrays.X.shape[0] <= control.lbfgs_max_rows, x0.shape[0]
-    if control.lbfgs_maxiter is None:
-        lbfgs = 100 if small or n_params > control.lbfgs_min_params else 0
-        control = dataclasses.replace(control, lbfgs_maxiter=lbfgs)
+    mask, x, u, v, g, H, status, its_l, its_n, evals = fit_stages(
+        objective, x0, u_zero, p, structure, control, arrays.X.shape[0]
+    )
+    condvar = conditional_variances(x, u, arrays, mask, family, structure)
+    v = v + deviance_constant(arrays, family)
+    return FitOutput(x, u, mask, v, g, H, status, its_l, its_n, evals, condvar)
 
-    # Two stages through one traced body (a scan of length 2): the interior fit, then the fit
-    # with every variance the interior fit left near zero held at exactly zero (skipped when
-    # there is none). The boundary model is nested in the interior one.
+
+def fit_stages(objective, x0, u_zero, p: int, structure: ReStructure, control: Control, rows: int):
+    """Minimise over ``x = (beta, phi)`` in two stages, the second on the boundary.
+
+    ``objective(mask) -> (value, dev_and_grad)`` as :func:`_minimize` takes them, for the
+    variances held at zero where ``mask`` is 0; ``p`` leading entries of ``x`` are not
+    variance parameters (0 for lmer, whose fixed effects are profiled out). The interior fit
+    runs first; then, if it left a variance near zero, the fit with every such variance held at
+    exactly zero, and the lower deviance wins. Both stages run through one traced body (a scan
+    of length 2). Returns ``(mask, x, u, deviance, grad, hessian, status, lbfgs_iterations,
+    newton_iterations, evaluations)``. ``rows`` (the padded number of rows) decides between
+    L-BFGS and Newton first when ``control`` leaves it open.
+    """
+    # Settings left to the static shapes (see Control): small data favour cheap iterations.
+    if control.lbfgs_maxiter is None:
+        small = rows <= control.lbfgs_max_rows
+        lbfgs = 100 if small or x0.shape[0] > control.lbfgs_min_params else 0
+        control = dataclasses.replace(control, lbfgs_maxiter=lbfgs)
+    dtype = x0.dtype
+    diag = jnp.asarray(structure.diagonal)
+    watch = jnp.concatenate([jnp.zeros(p, bool), diag])
 
     def stage(carry, k):
         x_prev, u_prev = carry
@@ -436,18 +462,5 @@ def fit_arrays(
     )
     # An interior fit stopped at the boundary that the boundary stage could not improve on.
     status = jnp.where(status == _BOUNDARY, Status.MAXITER, status)
-    condvar = conditional_variances(x, u, arrays, mask, family, structure)
-    v = v + deviance_constant(arrays, family)
-    return FitOutput(
-        x,
-        u,
-        mask,
-        v,
-        g,
-        H,
-        status,
-        its_l[0] + its_l[1],
-        its_n[0] + its_n[1],
-        jnp.sum(evals),
-        condvar,
-    )
+    its = (its_l[0] + its_l[1], its_n[0] + its_n[1], jnp.sum(evals))
+    return (mask, x, u, v, g, H, status, *its)

@@ -22,7 +22,7 @@ from .families import Binomial
 from .laplace import rest_shapes
 from .optimize import FitOutput, Status
 
-__all__ = ["GLMMResult", "FitInfo", "ConvergenceWarning", "SingularFitWarning"]
+__all__ = ["GLMMResult", "LMMResult", "FitInfo", "ConvergenceWarning", "SingularFitWarning"]
 
 
 class ConvergenceWarning(UserWarning):
@@ -144,17 +144,8 @@ class GLMMResult:
         mask = out.mask
         self.theta = np.asarray(structure.theta_from_phi(phi, mask))
         self._beta = design.M @ gamma
-
         free = np.concatenate([np.ones(p, bool), mask > 0])
-        H = out.hessian[np.ix_(free, free)]
-        # The deviance is -2 log L, so the observed information is half its Hessian.
-        try:
-            cov_x = np.linalg.inv(0.5 * H)
-            if not np.all(np.linalg.eigvalsh(0.5 * (H + H.T)) > 0):
-                raise np.linalg.LinAlgError
-        except np.linalg.LinAlgError:
-            cov_x = np.full_like(H, np.nan)
-        self._cov_beta = design.M @ cov_x[:p, :p] @ design.M.T
+        self._cov_beta = self._fixef_covariance(out, free)
 
         self.deviance = float(out.deviance)
         self.loglik = -0.5 * self.deviance
@@ -177,6 +168,19 @@ class GLMMResult:
             gradient_norm=float(np.max(np.abs(g))) if g.size else 0.0,
             seconds=seconds,
         )
+
+    def _fixef_covariance(self, out, free) -> np.ndarray:
+        """Covariance of the fixed effects from the exact Hessian over all parameters."""
+        p, M = self._design.p, self._design.M
+        H = out.hessian[np.ix_(free, free)]
+        # The deviance is -2 log L, so the observed information is half its Hessian.
+        try:
+            cov_x = np.linalg.inv(0.5 * H)
+            if not np.all(np.linalg.eigvalsh(0.5 * (H + H.T)) > 0):
+                raise np.linalg.LinAlgError
+        except np.linalg.LinAlgError:
+            cov_x = np.full_like(H, np.nan)
+        return M @ cov_x[:p, :p] @ M.T
 
     # The pandas objects are built on first access: they cost more than the arithmetic.
     @functools.cached_property
@@ -251,18 +255,20 @@ class GLMMResult:
         for factor in structure.factors:
             T = blocks[factor]
             offset = 0
-            for term in structure.factor_terms(factor):
+            for k, term in enumerate(structure.factor_terms(factor)):
+                # lme4 names a factor's second and later terms grp.1, grp.2 (make.unique).
+                grp = term.group if k == 0 else f"{term.group}.{k}"
                 q = term.q
                 Tt = T[offset : offset + q, offset : offset + q]
                 S = Tt @ Tt.T
                 sds = np.sqrt(np.diag(S))
                 for i in range(q):
-                    rows.append((term.group, term.names[i], None, S[i, i], sds[i]))
+                    rows.append((grp, term.names[i], None, S[i, i], sds[i]))
                 for j in range(q):
                     for i in range(j + 1, q):
                         ok = sds[i] > 0 and sds[j] > 0
                         corr = S[i, j] / (sds[i] * sds[j]) if ok else np.nan
-                        rows.append((term.group, term.names[j], term.names[i], S[i, j], corr))
+                        rows.append((grp, term.names[j], term.names[i], S[i, j], corr))
                 offset += q
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
@@ -431,16 +437,25 @@ class GLMMResult:
                 *ku, ky = jax.random.split(k, 1 + len(blocks))
                 eta = eta_fixed.copy()
                 for kf, (f, T) in zip(ku, blocks.items(), strict=True):
-                    u = np.asarray(jax.random.normal(kf, (len(d.levels[f]), T.shape[0])))
+                    u = self._scale * np.asarray(
+                        jax.random.normal(kf, (len(d.levels[f]), T.shape[0]))
+                    )
                     eta += np.sum(d.factor_Z[f] * (u @ T.T)[d.factor_codes[f]], axis=1)
-                mu = self.family.link.linkinv(jax.numpy.asarray(eta))
-                y = np.asarray(self.family.simulate(ky, mu, jax.numpy.asarray(d.trials)))
-                if isinstance(self.family, Binomial) and d.spec.response.kind != "cbind":
-                    y = y / d.trials
-                sims.append(y)
+                sims.append(self._draw(ky, self.family.link.linkinv(jax.numpy.asarray(eta))))
         return pd.DataFrame(
             np.column_stack(sims), index=d.index, columns=[f"sim_{i + 1}" for i in range(nsim)]
         )
+
+    #: Scale of the spherical random effects (``sigma`` for a linear mixed model).
+    _scale = 1.0
+
+    def _draw(self, key, mu) -> np.ndarray:
+        """One simulated response at means ``mu``, on the scale of the response as given."""
+        d = self._design
+        y = np.asarray(self.family.simulate(key, mu, jax.numpy.asarray(d.trials)))
+        if isinstance(self.family, Binomial) and d.spec.response.kind != "cbind":
+            y = y / d.trials
+        return y
 
     # ---------------------------------------------------------------- printing
     def coef_table(self) -> pd.DataFrame:
@@ -567,7 +582,8 @@ class Summary:
 
     def __str__(self) -> str:
         lines = self._header()
-        lines += ["", _format_table(self._fit_stats(), index=False), ""]
+        stats = self._fit_stats()
+        lines += [""] if stats is None else ["", _format_table(stats, index=False), ""]
         lines += ["Scaled residuals: ", _format_table(self._residual_quantiles(), index=False), ""]
         lines += ["Random effects:", _left_table(self._random_table())]
         lines += [self._groups_line(), "", "Fixed effects:", _format_table(self._coef_strings())]
@@ -585,10 +601,146 @@ class Summary:
     def _repr_html_(self) -> str:
         esc = html.escape
         parts = [f"<p>{'<br>'.join(esc(h) for h in self._header())}</p>"]
-        parts.append(self._fit_stats().to_html(index=False))
+        stats = self._fit_stats()
+        if stats is not None:
+            parts.append(stats.to_html(index=False))
         parts.append("<p><b>Random effects</b></p>" + self._random_table().to_html(index=False))
         parts.append(f"<p>{esc(self._groups_line())}</p>")
         parts.append("<p><b>Fixed effects</b></p>" + self._coef_strings().to_html())
         for m in self._messages():
             parts.append(f"<p><b>{esc(m)}</b></p>")
         return "<div class='glmm-jax-summary'>" + "\n".join(parts) + "</div>"
+
+
+class LMMResult(GLMMResult):
+    """A fitted linear mixed model (lme4's ``lmerMod``), created by :func:`glmm_jax.lmer`.
+
+    Adds to :class:`GLMMResult`: ``sigma`` (residual standard deviation), ``reml``, and
+    Satterthwaite degrees of freedom for the fixed effects (``df_satterthwaite``, lmerTest's
+    method) with t tests in ``coef_table()``. ``vcov`` is ``sigma^2 (R_X' R_X)^{-1}``,
+    conditional on ``theta`` as lme4's; ``varcorr`` is on the response scale with a
+    ``Residual`` row; ``loglik`` is the REML log-likelihood for a REML fit (as lme4's
+    ``logLik``) and ``deviance`` the REML criterion.
+    """
+
+    def __init__(self, design: Design, out, seconds: float, control, reml: bool):
+        self.reml = reml
+        self.sigma = float(out.sigma)
+        super().__init__(design, out, seconds, control)
+        if reml:
+            # The fit's REML criterion is that of the preconditioned X M; lme4's is of X.
+            self.deviance -= 2.0 * float(np.linalg.slogdet(design.M)[1])
+            self.loglik = -0.5 * self.deviance
+        self.df = design.p + design.structure.n_theta + 1
+        self.aic = self.deviance + 2 * self.df
+        self.bic = self.deviance + self.df * math.log(self.nobs)
+        self.df_resid = self.nobs - self.df
+
+    def _fixef_covariance(self, out, free) -> np.ndarray:
+        M = self._design.M
+        return self.sigma**2 * (M @ out.cov_unscaled @ M.T)
+
+    @property
+    def _scale(self) -> float:
+        return self.sigma
+
+    def _draw(self, key, mu) -> np.ndarray:
+        noise = np.asarray(jax.random.normal(key, mu.shape, mu.dtype))
+        return np.asarray(mu) + self.sigma * noise / np.sqrt(self._design.prior_weights)
+
+    @functools.cached_property
+    def varcorr(self) -> pd.DataFrame:
+        """Variances, covariances, sds and correlations on the response's scale, with the
+        residual as the last row: lme4's ``as.data.frame(VarCorr(m))``."""
+        vc = super().varcorr.copy()
+        variance = vc.var2.isna()
+        vc["vcov"] *= self.sigma**2
+        vc.loc[variance, "sdcor"] *= self.sigma
+        residual = pd.DataFrame(
+            [("Residual", None, None, self.sigma**2, self.sigma)], columns=vc.columns
+        )
+        out = pd.concat([vc, residual], ignore_index=True)
+        out["var2"] = out["var2"].astype(object).where(out["var2"].notna(), None)
+        return out
+
+    @functools.cached_property
+    def df_satterthwaite(self) -> pd.Series:
+        """Satterthwaite's denominator degrees of freedom of each fixed effect (lmerTest)."""
+        from .lmm import satterthwaite_df
+
+        d, out = self._design, self._out
+        p = d.p
+        free = tuple(int(i) for i in np.flatnonzero(out.mask > 0))
+        with precision():
+            df = jax.jit(satterthwaite_df, static_argnames=("free", "structure", "reml"))(
+                out.x[p:],
+                np.log(self.sigma),
+                d.arrays,
+                out.mask,
+                d.M,
+                free=free,
+                structure=d.structure,
+                reml=self.reml,
+            )
+        return pd.Series(np.asarray(df), index=d.fixef_names, name="df")
+
+    def coef_table(self) -> pd.DataFrame:
+        """Estimate, Std. Error, df (Satterthwaite), t value, Pr(>|t|) for the fixed effects."""
+        t = self.fixef / self.se
+        df = self.df_satterthwaite
+        p = 2 * scipy.stats.t.sf(np.abs(t), df)
+        return pd.DataFrame(
+            {"Estimate": self.fixef, "Std. Error": self.se, "df": df, "t value": t, "Pr(>|t|)": p}
+        )
+
+    def summary(self) -> LMMSummary:
+        """lmer/lmerTest-style summary; prints as text, renders as HTML in notebooks."""
+        return LMMSummary(self)
+
+    def __repr__(self) -> str:
+        crit = "REML" if self.reml else "ML"
+        return (
+            f"<LMMResult {self.formula!r} {crit} nobs={self.nobs} sigma={self.sigma:.4g} "
+            f"loglik={self.loglik:.4f} converged={self.converged} singular={self.singular}>"
+        )
+
+
+class LMMSummary(Summary):
+    """The text of ``summary(lmerMod)`` with lmerTest's t tests."""
+
+    def _header(self) -> list[str]:
+        r = self.result
+        how = "REML" if r.reml else "maximum likelihood"
+        lines = [
+            f"Linear mixed model fit by {how}. t-tests use Satterthwaite's method [glmm_jax]",
+            f"Formula: {r.formula}",
+        ]
+        if r.reml:
+            lines += ["", f"REML criterion at convergence: {r.deviance:.1f}"]
+        return lines
+
+    def _fit_stats(self) -> pd.DataFrame | None:
+        r = self.result
+        return None if r.reml else super()._fit_stats()
+
+    def _residual_quantiles(self) -> pd.DataFrame:
+        r = self.result
+        res = r.residuals("pearson") / r.sigma
+        q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
+        return pd.DataFrame([[f"{v:.4f}" for v in q]], columns=["Min", "1Q", "Median", "3Q", "Max"])
+
+    def _random_table(self) -> pd.DataFrame:
+        table = super()._random_table()
+        table["Name"] = table["Name"].fillna("")
+        return table
+
+    def _coef_strings(self) -> pd.DataFrame:
+        t = self.result.coef_table()
+        out = pd.DataFrame(index=t.index)
+        out["Estimate"] = t["Estimate"].map(lambda v: f"{v:.5g}")
+        out["Std. Error"] = t["Std. Error"].map(lambda v: f"{v:.5g}")
+        out["df"] = t["df"].map(lambda v: f"{v:.2f}")
+        out["t value"] = t["t value"].map(lambda v: f"{v:.3f}")
+        out["Pr(>|t|)"] = t["Pr(>|t|)"].map(lambda v: f"{v:.3g}")
+        out[""] = t["Pr(>|t|)"].map(_signif_stars)
+        return out

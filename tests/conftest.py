@@ -45,6 +45,17 @@ CROSSED_CASES = [
     "contraception_nested",
 ]
 
+#: Linear mixed models (issue 4): lmer, REML and ML.
+LMM_CASES = [
+    "sleepstudy_reml",
+    "sleepstudy_ml_uncorr",
+    "exam_lmm_slopes_reml",
+    "penicillin_crossed_lmm",
+    "dyestuff_lmm",
+    "dyestuff2_singular_lmm",
+    "insteval_crossed_lmm",
+]
+
 
 def reference(case: str) -> dict:
     with open(REF_DIR / f"{case}.json") as f:
@@ -65,6 +76,9 @@ def fit_case(case: str):
         py = ref["py"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", gj.SingularFitWarning)
+            if py["family"] == "gaussian":
+                _FITS[case] = gj.lmer(py["formula"], case_frame(case), reml=py["reml"])
+                return _FITS[case]
             _FITS[case] = gj.glmer(
                 py["formula"],
                 case_frame(case),
