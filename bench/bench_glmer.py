@@ -69,30 +69,36 @@ def crossed_logit(n: int, G1: int, G2: int, seed: int = 7) -> pd.DataFrame:
     return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
 
 
-def glmm_fit(df, formula, family="binomial"):
+def glmm_fit(df, formula, family="binomial", reml=None):
     try:
         import glmm
     except ImportError:
         return None
+    kw = {} if reml is None else {"reml": reml}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return glmm.fit(df, formula, family=family)
+        return glmm.fit(df, formula, family=family, **kw)
 
 
 def lme4_seconds(
-    csv: Path, formula: str, repeats: int, family: str = "binomial", factors=()
+    csv: Path, formula: str, repeats: int, family: str = "binomial", factors=(), reml=None
 ) -> tuple[float, float] | None:
     """Median lme4 fit time and loglik via Rscript, or None without R/lme4."""
     if shutil.which("Rscript") is None:
         return None
     columns = ", ".join(f'"{c}"' for c in ("school", "g", "a", "b", *factors))
+    if reml is None:
+        fit_call = f"glmer(f, data = d, family = {family})"
+    else:
+        fit_call = f"lmer(f, data = d, REML = {'TRUE' if reml else 'FALSE'})"
     script = f"""
 suppressMessages(library(lme4))
 d <- read.csv("{csv}")
 for (v in c({columns})) if (v %in% names(d)) d[[v]] <- factor(d[[v]])
 f <- {formula}
-m <- glmer(f, data = d, family = {family})
-t <- replicate({repeats}, system.time(glmer(f, data = d, family = {family}))[["elapsed"]])
+fit <- function() {fit_call}
+m <- fit()
+t <- replicate({repeats}, system.time(fit())[["elapsed"]])
 cat(median(t), as.numeric(logLik(m)), "\\n")
 """
     res = subprocess.run(["Rscript", "-e", script], capture_output=True, text=True)
@@ -102,18 +108,26 @@ cat(median(t), as.numeric(logLik(m)), "\\n")
     return float(sec), float(ll)
 
 
-def case(name, df, formula, repeats, rows, lme4_repeats=0, family="binomial", factors=()):
-    gj.glmer(formula, df, family=family)  # compile (or load from the persistent cache)
-    t_ours, m = median_time(lambda: gj.glmer(formula, df, family=family), repeats)
+def case(
+    name, df, formula, repeats, rows, lme4_repeats=0, family="binomial", factors=(), reml=None
+):
+    """Time one case; ``reml`` not None makes it a linear mixed model (``lmer``)."""
+    if reml is None:
+        ours = lambda: gj.glmer(formula, df, family=family)  # noqa: E731
+    else:
+        family = "gaussian"
+        ours = lambda: gj.lmer(formula, df, reml=reml)  # noqa: E731
+    ours()  # compile (or load from the persistent cache)
+    t_ours, m = median_time(ours, repeats)
     row = {"case": name, "glmm_jax_s": t_ours, "loglik": m.loglik}
-    if glmm_fit(df, formula, family) is not None:
-        t_peer, f = median_time(lambda: glmm_fit(df, formula, family), repeats)
+    if glmm_fit(df, formula, family, reml) is not None:
+        t_peer, f = median_time(lambda: glmm_fit(df, formula, family, reml), repeats)
         row.update(glmm_s=t_peer, ratio_glmm=t_peer / t_ours, dll_glmm=m.loglik - f.loglik)
     if lme4_repeats:
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "d.csv"
             df.to_csv(csv, index=False)
-            r = lme4_seconds(csv, formula, lme4_repeats, family, factors)
+            r = lme4_seconds(csv, formula, lme4_repeats, family, factors, reml)
         if r is not None:
             row.update(lme4_s=r[0], ratio_lme4=r[0] / t_ours, dll_lme4=m.loglik - r[1])
     rows.append(row)
@@ -271,6 +285,22 @@ def main(argv=None) -> int:
             5,
             3,
             {"family": "poisson", "factors": ("site", "year")},
+        ),
+        (
+            "lmer: sleepstudy (180 rows), REML, warm",
+            gj.datasets.load_sleepstudy,
+            "Reaction ~ Days + (Days | Subject)",
+            15,
+            5,
+            {"reml": True, "factors": ("Subject",)},
+        ),
+        (
+            "lmer: InstEval (73,421 rows, s x d x dept crossed), ML, warm",
+            lambda: gj.datasets.load("insteval"),
+            "y ~ service + (1 | s) + (1 | d) + (1 | dept)",
+            3,
+            1,
+            {"reml": False, "factors": ("s", "d", "dept", "service"), "slow": True},
         ),
         (
             "crossed: synthetic logit, 10^5 rows, 5,000 x 500, warm",
