@@ -338,6 +338,11 @@ def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
         if np.any(np.abs(counts - np.round(counts)) > 1e-7):
             warnings.warn("non-integer number of successes in a binomial GLMM", stacklevel=4)
         return counts, trials, np.ones_like(v), v
+    if family.name in ("Gamma", "inverse.gaussian") and np.any(v <= 0):
+        raise DataError(
+            f"{family.name} response {expr!r} must be positive; {int(np.sum(v <= 0))} "
+            "values are zero or negative"
+        )
     w = np.ones_like(v) if weights is None else weights
     return v, np.ones_like(v), w, v
 

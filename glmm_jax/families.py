@@ -31,6 +31,8 @@ __all__ = [
     "Binomial",
     "Poisson",
     "Gaussian",
+    "Gamma",
+    "InverseGaussian",
     "binomial",
     "poisson",
     "gaussian",
@@ -56,6 +58,9 @@ class Family:
     valid_links: tuple[str, ...] = dataclasses.field(default=(), init=False, repr=False)
     # True for families whose dispersion is fixed at 1 (binomial, poisson).
     fixed_dispersion: bool = dataclasses.field(default=True, init=False, repr=False)
+    # The Laplace log-determinant with the observed information (glmmTMB's, the reference for
+    # these families) instead of the expected one (lme4's); the two agree for canonical links.
+    observed_information: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         if self.link.name not in self.valid_links:
@@ -122,6 +127,12 @@ class Family:
         """Whether a grouping factor with one level per observation has an identifiable
         variance: an overdispersion term for counts, not for a 0/1 or gaussian response."""
         return True
+
+    def dispersion_const(self, y: Array, trials: Array, phi: Array) -> Array:
+        """For families with a dispersion ``phi`` (``fixed_dispersion`` False): the
+        ``eta``-free part ``c(y, phi)`` of the log-density ``kernel / phi + c(y, phi)``, where
+        ``phi`` is the dispersion over the prior weight."""
+        raise NotImplementedError  # pragma: no cover
 
     def __str__(self) -> str:
         return f"{self.name}({self.link.name})"
@@ -278,12 +289,16 @@ class Gaussian(Family):
         default=("identity", "log", "inverse"), init=False, repr=False
     )
     fixed_dispersion: bool = dataclasses.field(default=False, init=False, repr=False)
+    observed_information: bool = dataclasses.field(default=True, init=False, repr=False)
 
     def _kernel(self, y, trials, eta):
         return -0.5 * (y - self.mu(eta)) ** 2
 
     def loglik_const(self, y, trials):
-        return jnp.full_like(y, -0.5 * np.log(2.0 * np.pi))
+        return self.dispersion_const(y, trials, jnp.ones_like(y))
+
+    def dispersion_const(self, y, trials, phi):
+        return -0.5 * jnp.log(2.0 * jnp.pi * phi)
 
     def variance(self, mu):
         return jnp.ones_like(mu)
@@ -300,6 +315,94 @@ class Gaussian(Family):
     def observation_level_identifiable(self, trials) -> bool:
         # The residual is already a per-observation normal effect.
         return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Gamma(Family):
+    """Gamma responses with mean ``mu`` and variance ``phi mu^2`` (shape ``1 / phi``).
+
+    Parameters
+    ----------
+    link : Link
+        One of inverse (canonical, R's default), log, identity.
+    """
+
+    name: str = dataclasses.field(default="Gamma", init=False)
+    valid_links: tuple[str, ...] = dataclasses.field(
+        default=("inverse", "log", "identity"), init=False, repr=False
+    )
+    fixed_dispersion: bool = dataclasses.field(default=False, init=False, repr=False)
+    observed_information: bool = dataclasses.field(default=True, init=False, repr=False)
+
+    def _kernel(self, y, trials, eta):
+        if self.link.name == "log":
+            return -y * jnp.exp(-eta) - eta
+        mu = self.mu(eta)
+        return -y / mu - jnp.log(mu)
+
+    def loglik_const(self, y, trials):
+        return self.dispersion_const(y, trials, jnp.ones_like(y))
+
+    def dispersion_const(self, y, trials, phi):
+        return jnp.log(y / phi) / phi - jnp.log(y) - gammaln(1.0 / phi)
+
+    def variance(self, mu):
+        return mu**2
+
+    def dev_resid(self, y, trials, mu):
+        return -2.0 * (jnp.log(y / mu) - (y - mu) / mu)
+
+    def mustart(self, y, trials):
+        return y
+
+    def simulate(self, key, mu, trials):
+        # Unit dispersion; results rescale with the fitted one.
+        return mu * jax.random.gamma(key, 1.0, mu.shape, mu.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseGaussian(Family):
+    """Inverse gaussian responses with mean ``mu`` and variance ``phi mu^3``.
+
+    Parameters
+    ----------
+    link : Link
+        One of 1/mu^2 (canonical), inverse, identity, log.
+    """
+
+    name: str = dataclasses.field(default="inverse.gaussian", init=False)
+    valid_links: tuple[str, ...] = dataclasses.field(
+        default=("1/mu^2", "inverse", "identity", "log"), init=False, repr=False
+    )
+    fixed_dispersion: bool = dataclasses.field(default=False, init=False, repr=False)
+    # Its observed information turns negative where y < mu / 2, which can make a level's
+    # Laplace Hessian indefinite: use the expected information, as lme4 does.
+    observed_information: bool = dataclasses.field(default=False, init=False, repr=False)
+
+    def _kernel(self, y, trials, eta):
+        mu = self.mu(eta)
+        # y = 0 only on padding rows (weight 0; real responses are checked positive): keep
+        # their kernel finite so that 0 * kernel stays 0.
+        y_safe = jnp.where(y > 0, y, 1.0)
+        return -((y - mu) ** 2) / (2.0 * mu**2 * y_safe)
+
+    def loglik_const(self, y, trials):
+        return self.dispersion_const(y, trials, jnp.ones_like(y))
+
+    def dispersion_const(self, y, trials, phi):
+        return -0.5 * jnp.log(2.0 * jnp.pi * phi * y**3)
+
+    def variance(self, mu):
+        return mu**3
+
+    def dev_resid(self, y, trials, mu):
+        return (y - mu) ** 2 / (y * mu**2)
+
+    def mustart(self, y, trials):
+        return y
+
+    def simulate(self, key, mu, trials):  # pragma: no cover - not offered by results yet
+        raise NotImplementedError("simulating inverse gaussian responses is not available")
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -319,6 +422,8 @@ FAMILIES = {
     "binomial": (Binomial, "logit"),
     "poisson": (Poisson, "log"),
     "gaussian": (Gaussian, "identity"),
+    "gamma": (Gamma, "inverse"),
+    "inverse.gaussian": (InverseGaussian, "1/mu^2"),
 }
 
 

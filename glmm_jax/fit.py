@@ -197,7 +197,10 @@ def glmer(
         The data; never modified. Rows with missing values in used columns are dropped with a
         warning. Categorical columns keep their level order (the first level is the reference).
     family : str or Family
-        ``"binomial"`` or ``"poisson"``, or a :class:`Family` object; ``"gaussian"`` with the
+        ``"binomial"``, ``"poisson"``, ``"Gamma"``, ``"inverse.gaussian"`` or ``"gaussian"``
+        (names are case-insensitive), or a :class:`Family` object. For the families with a
+        dispersion (gaussian, Gamma, inverse gaussian) it is estimated jointly with the rest
+        by maximising the Laplace likelihood (glmmTMB's estimate). ``"gaussian"`` with the
         identity link is routed to :func:`lmer` (REML, as lme4 does), with a warning.
     link : str, optional
         Link name; default the family's canonical link.
@@ -232,12 +235,7 @@ def glmer(
             "nAGQ=1 (the Laplace approximation) is"
         )
     fam = get_family(family, link)
-    if isinstance(fam, Gaussian):
-        if fam.link.name != "identity":
-            raise NotImplementedError(
-                f"the gaussian family with the {fam.link.name} link is not available yet; "
-                "with the identity link, lmer() fits the linear mixed model"
-            )
+    if isinstance(fam, Gaussian) and fam.link.name == "identity":
         # lme4's glmer does the same: a gaussian identity GLMM is a linear mixed model.
         warnings.warn(
             "family='gaussian' with the identity link is a linear mixed model: fitted by "

@@ -366,14 +366,19 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
     # deviance) on this implicit rule.
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
 
-    def stationarity(xx):
-        eta, ZT, ZTr = linear_predictor(xx, u, arrays, structure, mask)
-        d1, d2 = _score_terms(family, arrays, eta)
+    def stationarity(xx, weights):
+        a = arrays._replace(weights=weights)
+        eta, ZT, ZTr = linear_predictor(xx, u, a, structure, mask)
+        d1, d2 = _score_terms(family, a, eta)
         # The observed Hessian's pieces ride along as auxiliary output: eta and the score's
         # derivative are computed once for both.
-        return _gradient_of_modes(u, d1, ZT, ZTr, arrays), (-d2, ZT, ZTr)
+        return _gradient_of_modes(u, d1, ZT, ZTr, a), (-d2, ZT, ZTr)
 
-    _, dF, (info, ZT, ZTr) = jax.jvp(stationarity, (x,), (dx,), has_aux=True)
+    # With an estimated dispersion the weights carry 1 / dispersion (optimize.py), so their
+    # tangent moves the modes too; otherwise they are data.
+    dw = jnp.zeros_like(arrays.weights) if family.fixed_dispersion else tangents[1].weights
+    primals_in, tangents_in = (x, arrays.weights), (dx, dw)
+    _, dF, (info, ZT, ZTr) = jax.jvp(stationarity, primals_in, tangents_in, has_aux=True)
     F = _hessian_factor(info, ZT, ZTr, arrays, structure, True)
     du = _hessian_solve(F, dF, arrays, structure)
     return u, jax.tree_util.tree_map(jnp.negative, du)
@@ -400,9 +405,20 @@ def laplace_deviance(x, arrays, u_star, mask, family, structure):
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
     eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
     ll = jnp.sum(arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta))
-    w = arrays.weights * family.fisher_weight(arrays.trials, eta)
-    logdet = _hessian_logdet(_hessian_factor(w, ZT, ZTr, arrays, structure, True), structure)
+    logdet = _hessian_logdet(
+        _hessian_factor(_laplace_weights(family, arrays, eta), ZT, ZTr, arrays, structure, True),
+        structure,
+    )
     return -2.0 * ll + jnp.sum(u[0] ** 2) + jnp.sum(u[1] ** 2) + logdet
+
+
+def _laplace_weights(family: Family, arrays: ModelArrays, eta):
+    """The weights of the Hessian in the Laplace log-determinant: the expected (Fisher)
+    information, as lme4's PIRLS weights, or the observed information for the families whose
+    reference is glmmTMB (``Family.observed_information``), as TMB's Laplace approximation."""
+    if family.observed_information:
+        return -_score_terms(family, arrays, eta)[1]
+    return arrays.weights * family.fisher_weight(arrays.trials, eta)
 
 
 def deviance_constant(arrays: ModelArrays, family: Family):
@@ -475,8 +491,7 @@ def conditional_variances(x, u, arrays, mask, family, structure):
     ``T'``. This is lme4's ``condVar``: the inverse of the Laplace Hessian on the ``b`` scale.
     """
     eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
-    w = arrays.weights * family.fisher_weight(arrays.trials, eta)
-    F = _hessian_factor(w, ZT, ZTr, arrays, structure, False)
+    F = _hessian_factor(_laplace_weights(family, arrays, eta), ZT, ZTr, arrays, structure, False)
     if _several(structure):
         inverses = blocked.inverse_blocks(F, arrays.coupling, rest_shapes(arrays, structure))
     else:

@@ -188,6 +188,12 @@ LINKS: dict[str, Link] = {
         linkinv=lambda eta: 1.0 / eta,
         mu_eta=lambda eta: -1.0 / eta**2,
     ),
+    "1/mu^2": Link(
+        "1/mu^2",
+        linkfun=lambda mu: 1.0 / mu**2,
+        linkinv=lambda eta: 1.0 / jnp.sqrt(eta),
+        mu_eta=lambda eta: -0.5 * eta**-1.5,
+    ),
 }
 
 

@@ -112,7 +112,8 @@ class FitOutput(NamedTuple):
 
     Attributes
     ----------
-    x : (p + n_theta,) optimum ``(beta, phi)`` in the preconditioned basis.
+    x : (p + n_theta,) optimum ``(beta, phi)`` in the preconditioned basis; for a family with a
+        dispersion, ``(beta, log dispersion, phi)``.
     u : pair ``(u_1, u_r)`` of conditional modes (``laplace.py``).
     mask : (n_theta,) 0 where a variance is at the boundary.
     deviance : () Laplace deviance ``-2 log L``.
@@ -382,7 +383,8 @@ def fit_arrays(
     arrays : ModelArrays
         The model's data, padded to bucketed shapes.
     x0 : array or None
-        Starting ``(beta, phi)``; ``None`` starts from the GLM fit and ``theta = 1``.
+        Starting ``(beta, phi)`` (``(beta, log dispersion, phi)`` for families with a
+        dispersion); ``None`` starts from the GLM fit, Pearson's dispersion and ``theta = 1``.
     family, structure, control
         Static settings.
 
@@ -393,26 +395,67 @@ def fit_arrays(
     p = arrays.X.shape[1]
     n_theta = structure.n_theta
     dtype = arrays.X.dtype
+    # Families with a dispersion phi (gaussian, Gamma, ...) carry log(phi) after beta:
+    # x = (beta, log phi, phi_theta). Their log-density is kernel * w / phi + c(y, phi / w), so
+    # the Laplace machinery runs unchanged on the weights w / phi.
+    k = 0 if family.fixed_dispersion else 1
     if x0 is None:
-        x0 = jnp.concatenate([glm_start(arrays, family), jnp.zeros(n_theta, dtype)])
+        beta0 = glm_start(arrays, family)
+        start = [beta0, jnp.log(_moment_dispersion(arrays, family, beta0))[None]][: 1 + k]
+        x0 = jnp.concatenate([*start, jnp.zeros(n_theta, dtype)])
     u_zero = zero_modes(arrays, structure, dtype)
 
+    def unpack(x):
+        """``(beta, phi_theta)`` and the arrays with weights over the dispersion."""
+        if not k:
+            return x, arrays
+        scaled = arrays._replace(weights=arrays.weights * jnp.exp(-x[p]))
+        return jnp.concatenate([x[:p], x[p + 1 :]]), scaled
+
+    def dispersion_term(x):
+        """``-2 sum c(y, phi / w)``: the eta-free part of the deviance, which depends on phi."""
+        if not k:
+            return 0.0
+        used = arrays.weights > 0
+        phi = jnp.exp(x[p]) / jnp.where(used, arrays.weights, 1.0)
+        y = jnp.where(used, arrays.y, 1.0)  # padding: a harmless value, masked below
+        c = family.dispersion_const(y, arrays.trials, phi)
+        return -2.0 * jnp.sum(jnp.where(used, c, 0.0))
+
     def objective(mask):
+        def deviance(x, u_star):
+            xi, a = unpack(x)
+            return laplace_deviance(xi, a, u_star, mask, family, structure) + dispersion_term(x)
+
         def value(x, u):
-            u_star = solve_modes(x, arrays, u, mask, family, structure, control.inner)[0]
-            return laplace_deviance(x, arrays, u_star, mask, family, structure), u_star
+            xi, a = unpack(x)
+            u_star = solve_modes(xi, a, u, mask, family, structure, control.inner)[0]
+            return deviance(x, u_star), u_star
 
         def dev_and_grad(x, u_star):
+            if k:
+                return jax.value_and_grad(deviance)(x, u_star)
             return deviance_and_gradient(x, arrays, u_star, mask, family, structure)
 
         return value, dev_and_grad
 
     mask, x, u, v, g, H, status, its_l, its_n, evals = fit_stages(
-        objective, x0, u_zero, p, structure, control, arrays.X.shape[0]
+        objective, x0, u_zero, p + k, structure, control, arrays.X.shape[0]
     )
-    condvar = conditional_variances(x, u, arrays, mask, family, structure)
-    v = v + deviance_constant(arrays, family)
+    xi, a = unpack(x)
+    condvar = conditional_variances(xi, u, a, mask, family, structure)
+    if not k:
+        v = v + deviance_constant(arrays, family)
     return FitOutput(x, u, mask, v, g, H, status, its_l, its_n, evals, condvar)
+
+
+def _moment_dispersion(arrays: ModelArrays, family: Family, beta):
+    """Pearson's estimate of the dispersion at the GLM fit: the optimiser's start."""
+    mu = family.mu(arrays.X @ beta + arrays.offset)
+    w = arrays.weights
+    chi2 = jnp.sum(w * (arrays.y - mu) ** 2 / jnp.maximum(family.variance(mu), 1e-300))
+    dof = jnp.maximum(jnp.sum(w > 0) - arrays.X.shape[1], 1)
+    return jnp.maximum(chi2 / dof, 1e-8)
 
 
 def fit_stages(objective, x0, u_zero, p: int, structure: ReStructure, control: Control, rows: int):

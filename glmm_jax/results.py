@@ -18,7 +18,7 @@ import scipy.stats
 
 from ._config import precision
 from .design import DataError, Design, _evaluate, _lme4_name
-from .families import Binomial
+from .families import Binomial, Gamma, Gaussian
 from .laplace import rest_shapes
 from .optimize import FitOutput, Status
 
@@ -140,16 +140,20 @@ class GLMMResult:
         self.ngroups = {f: len(lv) for f, lv in design.levels.items()}
 
         x = out.x
-        gamma, phi = x[:p], x[p:]
+        k = self._dispersion_slots()
+        gamma, phi = x[:p], x[p + k :]
         mask = out.mask
         self.theta = np.asarray(structure.theta_from_phi(phi, mask))
+        #: The dispersion (``sigma^2`` of a gaussian, ``1 / shape`` of a Gamma); 1 for the
+        #: binomial and Poisson.
+        self.dispersion = float(np.exp(x[p])) if k else 1.0
         self._beta = design.M @ gamma
-        free = np.concatenate([np.ones(p, bool), mask > 0])
+        free = np.concatenate([np.ones(p + k, bool), mask > 0])
         self._cov_beta = self._fixef_covariance(out, free)
 
         self.deviance = float(out.deviance)
         self.loglik = -0.5 * self.deviance
-        self.df = p + structure.n_theta
+        self.df = p + structure.n_theta + k
         self.aic = self.deviance + 2 * self.df
         self.bic = self.deviance + self.df * math.log(self.nobs)
         self.df_resid = self.nobs - self.df
@@ -168,6 +172,15 @@ class GLMMResult:
             gradient_norm=float(np.max(np.abs(g))) if g.size else 0.0,
             seconds=seconds,
         )
+
+    def _dispersion_slots(self) -> int:
+        """1 where ``x`` carries a log dispersion after ``beta`` (see ``optimize.fit_arrays``)."""
+        return 0 if self._design.family.fixed_dispersion else 1
+
+    @property
+    def sigma(self) -> float:
+        """Square root of the dispersion (lme4's ``sigma``): 1 for binomial and Poisson."""
+        return math.sqrt(self.dispersion)
 
     def _fixef_covariance(self, out, free) -> np.ndarray:
         """Covariance of the fixed effects from the exact Hessian over all parameters."""
@@ -270,6 +283,8 @@ class GLMMResult:
                         corr = S[i, j] / (sds[i] * sds[j]) if ok else np.nan
                         rows.append((grp, term.names[j], term.names[i], S[i, j], corr))
                 offset += q
+        if self._dispersion_slots():
+            rows.append(("Residual", None, None, self.dispersion, self.sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
     @property
@@ -452,6 +467,14 @@ class GLMMResult:
     def _draw(self, key, mu) -> np.ndarray:
         """One simulated response at means ``mu``, on the scale of the response as given."""
         d = self._design
+        if isinstance(self.family, Gaussian):
+            noise = np.asarray(jax.random.normal(key, mu.shape, mu.dtype))
+            return np.asarray(mu) + noise * np.sqrt(self.dispersion / d.prior_weights)
+        if isinstance(self.family, Gamma):
+            shape = d.prior_weights / self.dispersion
+            return np.asarray(mu) * np.asarray(jax.random.gamma(key, shape)) / shape
+        if not self.family.fixed_dispersion:
+            raise NotImplementedError(f"simulating from the {self.family.name} family")
         y = np.asarray(self.family.simulate(key, mu, jax.numpy.asarray(d.trials)))
         if isinstance(self.family, Binomial) and d.spec.response.kind != "cbind":
             y = y / d.trials
@@ -506,6 +529,7 @@ class Summary:
                 }
             )
         table = pd.DataFrame(rows)
+        table["Name"] = table["Name"].fillna("")
         if not (table["Corr"] != "").any():
             table = table.drop(columns="Corr")
         dup = table["Groups"].duplicated()
@@ -625,8 +649,9 @@ class LMMResult(GLMMResult):
 
     def __init__(self, design: Design, out, seconds: float, control, reml: bool):
         self.reml = reml
-        self.sigma = float(out.sigma)
+        self._sigma = float(out.sigma)
         super().__init__(design, out, seconds, control)
+        self.dispersion = self._sigma**2
         if reml:
             # The fit's REML criterion is that of the preconditioned X M; lme4's is of X.
             self.deviance -= 2.0 * float(np.linalg.slogdet(design.M)[1])
@@ -636,9 +661,18 @@ class LMMResult(GLMMResult):
         self.bic = self.deviance + self.df * math.log(self.nobs)
         self.df_resid = self.nobs - self.df
 
+    def _dispersion_slots(self) -> int:
+        # sigma is profiled out of the fit: x = (beta, phi).
+        return 0
+
+    @property
+    def sigma(self) -> float:
+        """Residual standard deviation."""
+        return self._sigma
+
     def _fixef_covariance(self, out, free) -> np.ndarray:
         M = self._design.M
-        return self.sigma**2 * (M @ out.cov_unscaled @ M.T)
+        return self._sigma**2 * (M @ out.cov_unscaled @ M.T)
 
     @property
     def _scale(self) -> float:
@@ -728,11 +762,6 @@ class LMMSummary(Summary):
         res = r.residuals("pearson") / r.sigma
         q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
         return pd.DataFrame([[f"{v:.4f}" for v in q]], columns=["Min", "1Q", "Median", "3Q", "Max"])
-
-    def _random_table(self) -> pd.DataFrame:
-        table = super()._random_table()
-        table["Name"] = table["Name"].fillna("")
-        return table
 
     def _coef_strings(self) -> pd.DataFrame:
         t = self.result.coef_table()
