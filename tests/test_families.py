@@ -26,6 +26,7 @@ def test_link_round_trip_and_derivative(name):
     eta = {
         "log": np.array([-3.0, -0.5, 0.2, 1.5]),
         "inverse": np.array([0.5, 1.0, 2.0]),
+        "1/mu^2": np.array([0.25, 1.0, 4.0]),
         "sqrt": np.array([0.5, 1.0, 3.0]),
     }.get(name, np.array([-3.0, -0.5, 0.0, 0.4, 2.0]))
     mu = link.linkinv(jnp.asarray(eta))

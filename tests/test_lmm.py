@@ -100,8 +100,12 @@ def test_glmer_with_gaussian_family_routes_to_lmer(sleepstudy):
         m = gj.glmer("Reaction ~ Days + (Days | Subject)", sleepstudy, family="gaussian")
     assert isinstance(m, gj.LMMResult) and m.reml
     assert m.deviance == pytest.approx(fit_case("sleepstudy_reml").deviance, abs=1e-6)
-    with pytest.raises(NotImplementedError, match="log link"):
-        gj.glmer("Reaction ~ Days + (1 | Subject)", sleepstudy, family="gaussian", link="log")
+    # Other links make a GLMM with a dispersion, fitted by glmer itself.
+    log_link = gj.glmer(
+        "Reaction ~ Days + (1 | Subject)", sleepstudy, family="gaussian", link="log"
+    )
+    assert not isinstance(log_link, gj.LMMResult) and log_link.converged
+    assert log_link.sigma == pytest.approx(fit_case("sleepstudy_reml").sigma, rel=0.3)
 
 
 def test_observation_level_factor_refused_for_gaussian(sleepstudy):
