@@ -9,7 +9,7 @@ from . import datasets
 from ._config import enable_compilation_cache
 from .design import DataError, build_design
 from .families import Binomial, Family, Gaussian, Poisson, binomial, gaussian, get_family, poisson
-from .fit import fit_design, fit_lmm_design, glmer, lmer
+from .fit import fit_design, fit_lmm_design, glmer, glmer_nb, lmer
 from .formula import FormulaError, FormulaSpec, parse_formula
 from .links import Link, get_link
 from .lmm import LmmOutput, fit_lmm_arrays
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "glmer",
+    "glmer_nb",
     "lmer",
     "fit_design",
     "fit_lmm_design",

@@ -33,6 +33,7 @@ __all__ = [
     "Gaussian",
     "Gamma",
     "InverseGaussian",
+    "NegativeBinomial",
     "binomial",
     "poisson",
     "gaussian",
@@ -61,6 +62,9 @@ class Family:
     # The Laplace log-determinant with the observed information (glmmTMB's, the reference for
     # these families) instead of the expected one (lme4's); the two agree for canonical links.
     observed_information: bool = dataclasses.field(default=False, init=False, repr=False)
+    # A family parameter carried in ``trials`` (the negative binomial's size), not a dispersion
+    # dividing the weights.
+    size_in_trials: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         if self.link.name not in self.valid_links:
@@ -405,6 +409,69 @@ class InverseGaussian(Family):
         raise NotImplementedError("simulating inverse gaussian responses is not available")
 
 
+@dataclasses.dataclass(frozen=True)
+class NegativeBinomial(Family):
+    """Negative binomial counts (NB2): mean ``mu``, variance ``mu + mu^2 / size``.
+
+    The size (lme4's ``theta`` of ``glmer.nb``, glmmTMB's ``sigma`` for ``nbinom2``) is
+    estimated jointly with the rest. It enters the fit as the per-row family parameter that
+    the binomial uses for its trials (``ModelArrays.trials``), so that every derivative
+    follows it.
+
+    Parameters
+    ----------
+    link : Link
+        One of log (default), sqrt, identity.
+    """
+
+    name: str = dataclasses.field(default="negative_binomial", init=False)
+    valid_links: tuple[str, ...] = dataclasses.field(
+        default=("log", "sqrt", "identity"), init=False, repr=False
+    )
+    fixed_dispersion: bool = dataclasses.field(default=False, init=False, repr=False)
+    observed_information: bool = dataclasses.field(default=True, init=False, repr=False)
+    #: The size rides in ``trials``, not as a divisor of the weights.
+    size_in_trials: bool = dataclasses.field(default=True, init=False, repr=False)
+
+    def _log_mu(self, eta):
+        if self.link.name == "log":
+            return eta
+        tiny = jnp.finfo(jnp.result_type(eta)).tiny
+        return jnp.log(jnp.maximum(self.link.linkinv(eta), tiny))
+
+    def loglik_kernel(self, y, trials, eta):
+        # Plain autodiff: the kernel depends on the size as well as on eta.
+        return self._kernel(y, trials, eta)
+
+    def _kernel(self, y, size, eta):
+        log_mu = self._log_mu(eta)
+        return y * log_mu - (y + size) * jnp.logaddexp(log_mu, jnp.log(size))
+
+    def fisher_weight(self, size, eta):
+        mu = self.mu(eta)
+        return self.link.mu_eta(eta) ** 2 / (mu + mu**2 / size)
+
+    def loglik_const(self, y, size):
+        return size * jnp.log(size) + gammaln(y + size) - gammaln(size) - gammaln(y + 1.0)
+
+    def dispersion_const(self, y, size, phi):
+        return self.loglik_const(y, size)
+
+    def variance(self, mu):  # at size 1; results use the fitted size
+        return mu + mu**2
+
+    def dev_resid(self, y, size, mu):
+        return 2.0 * (xlogy(y, y / mu) - (y + size) * jnp.log((y + size) / (mu + size)))
+
+    def mustart(self, y, trials):
+        return y + 0.1
+
+    def simulate(self, key, mu, size):
+        k1, k2 = jax.random.split(key)
+        rate = mu * jax.random.gamma(k1, size, mu.shape, mu.dtype) / size
+        return jax.random.poisson(k2, rate).astype(mu.dtype)
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel(family, y, trials, eta):
     return family._kernel(y, trials, eta)
@@ -424,6 +491,7 @@ FAMILIES = {
     "gaussian": (Gaussian, "identity"),
     "gamma": (Gamma, "inverse"),
     "inverse.gaussian": (InverseGaussian, "1/mu^2"),
+    "negative_binomial": (NegativeBinomial, "log"),
 }
 
 

@@ -26,7 +26,15 @@ from .lmm import fit_lmm_arrays
 from .optimize import Control, fit_arrays
 from .results import ConvergenceWarning, GLMMResult, LMMResult, SingularFitWarning
 
-__all__ = ["glmer", "lmer", "fit_design", "fit_lmm_design", "compiled_fit", "compiled_lmm"]
+__all__ = [
+    "glmer",
+    "glmer_nb",
+    "lmer",
+    "fit_design",
+    "fit_lmm_design",
+    "compiled_fit",
+    "compiled_lmm",
+]
 
 #: The compiled core. Family, structure and control are static: one program per model
 #: structure and bucketed shape, reused across datasets (and across processes via the
@@ -174,6 +182,16 @@ def lmer(
     return fit_lmm_design(design, reml=reml, control=control, start=start)
 
 
+def glmer_nb(formula: str | FormulaSpec, data: pd.DataFrame, **kwargs) -> GLMMResult:
+    """A negative binomial GLMM (NB2, log link), lme4's ``glmer.nb``.
+
+    The size is estimated jointly with the rest by maximising the Laplace likelihood (as
+    glmmTMB's ``nbinom2``), not by lme4's alternation; it is ``result.nb_size``. Other
+    arguments as :func:`glmer`.
+    """
+    return glmer(formula, data, family="negative_binomial", **kwargs)
+
+
 def glmer(
     formula: str | FormulaSpec,
     data: pd.DataFrame,
@@ -197,10 +215,11 @@ def glmer(
         The data; never modified. Rows with missing values in used columns are dropped with a
         warning. Categorical columns keep their level order (the first level is the reference).
     family : str or Family
-        ``"binomial"``, ``"poisson"``, ``"Gamma"``, ``"inverse.gaussian"`` or ``"gaussian"``
-        (names are case-insensitive), or a :class:`Family` object. For the families with a
-        dispersion (gaussian, Gamma, inverse gaussian) it is estimated jointly with the rest
-        by maximising the Laplace likelihood (glmmTMB's estimate). ``"gaussian"`` with the
+        ``"binomial"``, ``"poisson"``, ``"negative_binomial"``, ``"Gamma"``,
+        ``"inverse.gaussian"`` or ``"gaussian"`` (names are case-insensitive), or a
+        :class:`Family` object. A dispersion (gaussian, Gamma, inverse gaussian) or a size
+        (negative binomial) is estimated jointly with the rest by maximising the Laplace
+        likelihood (glmmTMB's estimate). ``"gaussian"`` with the
         identity link is routed to :func:`lmer` (REML, as lme4 does), with a warning.
     link : str, optional
         Link name; default the family's canonical link.

@@ -366,18 +366,22 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
     # deviance) on this implicit rule.
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
 
-    def stationarity(xx, weights):
-        a = arrays._replace(weights=weights)
+    def stationarity(xx, weights, trials):
+        a = arrays._replace(weights=weights, trials=trials)
         eta, ZT, ZTr = linear_predictor(xx, u, a, structure, mask)
         d1, d2 = _score_terms(family, a, eta)
         # The observed Hessian's pieces ride along as auxiliary output: eta and the score's
         # derivative are computed once for both.
         return _gradient_of_modes(u, d1, ZT, ZTr, a), (-d2, ZT, ZTr)
 
-    # With an estimated dispersion the weights carry 1 / dispersion (optimize.py), so their
-    # tangent moves the modes too; otherwise they are data.
-    dw = jnp.zeros_like(arrays.weights) if family.fixed_dispersion else tangents[1].weights
-    primals_in, tangents_in = (x, arrays.weights), (dx, dw)
+    # With an estimated dispersion the weights carry 1 / dispersion, or the trials the
+    # negative binomial's size (optimize.py), so their tangents move the modes too;
+    # otherwise they are data.
+    if family.fixed_dispersion:
+        dw, dt = jnp.zeros_like(arrays.weights), jnp.zeros_like(arrays.trials)
+    else:
+        dw, dt = tangents[1].weights, tangents[1].trials
+    primals_in, tangents_in = (x, arrays.weights, arrays.trials), (dx, dw, dt)
     _, dF, (info, ZT, ZTr) = jax.jvp(stationarity, primals_in, tangents_in, has_aux=True)
     F = _hessian_factor(info, ZT, ZTr, arrays, structure, True)
     du = _hessian_solve(F, dF, arrays, structure)

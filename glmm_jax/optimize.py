@@ -406,10 +406,14 @@ def fit_arrays(
     u_zero = zero_modes(arrays, structure, dtype)
 
     def unpack(x):
-        """``(beta, phi_theta)`` and the arrays with weights over the dispersion."""
+        """``(beta, phi_theta)`` and the arrays with weights over the dispersion (or, for the
+        negative binomial, with its size as the per-row family parameter)."""
         if not k:
             return x, arrays
-        scaled = arrays._replace(weights=arrays.weights * jnp.exp(-x[p]))
+        if family.size_in_trials:
+            scaled = arrays._replace(trials=jnp.exp(x[p]) * jnp.ones_like(arrays.trials))
+        else:
+            scaled = arrays._replace(weights=arrays.weights * jnp.exp(-x[p]))
         return jnp.concatenate([x[:p], x[p + 1 :]]), scaled
 
     def dispersion_term(x):
@@ -417,9 +421,12 @@ def fit_arrays(
         if not k:
             return 0.0
         used = arrays.weights > 0
-        phi = jnp.exp(x[p]) / jnp.where(used, arrays.weights, 1.0)
         y = jnp.where(used, arrays.y, 1.0)  # padding: a harmless value, masked below
-        c = family.dispersion_const(y, arrays.trials, phi)
+        if family.size_in_trials:
+            c = arrays.weights * family.loglik_const(y, jnp.exp(x[p]))
+        else:
+            phi = jnp.exp(x[p]) / jnp.where(used, arrays.weights, 1.0)
+            c = family.dispersion_const(y, arrays.trials, phi)
         return -2.0 * jnp.sum(jnp.where(used, c, 0.0))
 
     def objective(mask):
@@ -450,9 +457,13 @@ def fit_arrays(
 
 
 def _moment_dispersion(arrays: ModelArrays, family: Family, beta):
-    """Pearson's estimate of the dispersion at the GLM fit: the optimiser's start."""
+    """Pearson's estimate of the dispersion at the GLM fit: the optimiser's start (for the
+    negative binomial, the moment estimate of its size)."""
     mu = family.mu(arrays.X @ beta + arrays.offset)
     w = arrays.weights
+    if family.size_in_trials:
+        excess = jnp.sum(w * ((arrays.y - mu) ** 2 - mu))
+        return jnp.clip(jnp.sum(w * mu**2) / jnp.maximum(excess, 1e-8), 1e-2, 1e4)
     chi2 = jnp.sum(w * (arrays.y - mu) ** 2 / jnp.maximum(family.variance(mu), 1e-300))
     dof = jnp.maximum(jnp.sum(w > 0) - arrays.X.shape[1], 1)
     return jnp.maximum(chi2 / dof, 1e-8)

@@ -147,6 +147,9 @@ class GLMMResult:
         #: The dispersion (``sigma^2`` of a gaussian, ``1 / shape`` of a Gamma); 1 for the
         #: binomial and Poisson.
         self.dispersion = float(np.exp(x[p])) if k else 1.0
+        if self.family.size_in_trials:
+            #: The negative binomial's size (lme4's ``glmer.nb`` theta).
+            self.nb_size = self.dispersion
         self._beta = design.M @ gamma
         free = np.concatenate([np.ones(p + k, bool), mask > 0])
         self._cov_beta = self._fixef_covariance(out, free)
@@ -179,8 +182,16 @@ class GLMMResult:
 
     @property
     def sigma(self) -> float:
-        """Square root of the dispersion (lme4's ``sigma``): 1 for binomial and Poisson."""
+        """Square root of the dispersion (lme4's ``sigma``): 1 for binomial and Poisson; for
+        the negative binomial its size, as glmmTMB's ``sigma``."""
+        if self.family.size_in_trials:
+            return self.dispersion
         return math.sqrt(self.dispersion)
+
+    def _row_parameter(self) -> np.ndarray:
+        """The family's per-row parameter: binomial trials, or the negative binomial's size."""
+        d = self._design
+        return np.full(d.nobs, self.dispersion) if self.family.size_in_trials else d.trials
 
     def _fixef_covariance(self, out, free) -> np.ndarray:
         """Covariance of the fixed effects from the exact Hessian over all parameters."""
@@ -283,7 +294,7 @@ class GLMMResult:
                         corr = S[i, j] / (sds[i] * sds[j]) if ok else np.nan
                         rows.append((grp, term.names[j], term.names[i], S[i, j], corr))
                 offset += q
-        if self._dispersion_slots():
+        if self._dispersion_slots() and not self.family.size_in_trials:
             rows.append(("Residual", None, None, self.dispersion, self.sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
@@ -426,10 +437,14 @@ class GLMMResult:
         # On the proportion scale a binomial observation weighs as its number of trials.
         wt = d.prior_weights * (d.trials if isinstance(self.family, Binomial) else 1.0)
         if type == "pearson":
-            return (y - mu) * np.sqrt(wt) / np.sqrt(_np(self.family.variance, mu))
+            if self.family.size_in_trials:
+                variance = mu + mu**2 / self.dispersion
+            else:
+                variance = _np(self.family.variance, mu)
+            return (y - mu) * np.sqrt(wt) / np.sqrt(variance)
         if type == "deviance":
             counts = y * d.trials
-            dr = _np(self.family.dev_resid, counts, d.trials, mu) * d.prior_weights
+            dr = _np(self.family.dev_resid, counts, self._row_parameter(), mu) * d.prior_weights
             return np.sign(y - mu) * np.sqrt(np.maximum(dr, 0.0))
         raise ValueError(
             f"unknown residual type {type!r}; use deviance, pearson, response or working"
@@ -473,6 +488,9 @@ class GLMMResult:
         if isinstance(self.family, Gamma):
             shape = d.prior_weights / self.dispersion
             return np.asarray(mu) * np.asarray(jax.random.gamma(key, shape)) / shape
+        if self.family.size_in_trials:
+            size = jax.numpy.full(mu.shape, self.dispersion, mu.dtype)
+            return np.asarray(self.family.simulate(key, mu, size))
         if not self.family.fixed_dispersion:
             raise NotImplementedError(f"simulating from the {self.family.name} family")
         y = np.asarray(self.family.simulate(key, mu, jax.numpy.asarray(d.trials)))
