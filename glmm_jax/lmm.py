@@ -94,9 +94,9 @@ def pls(phi, arrays: ModelArrays, mask, structure: ReStructure, differentiable=T
     # Lambda' Z' W [X | y], one column per fixed effect and one for the response.
     B = w[:, None] * jnp.concatenate([X, y[:, None]], axis=1)
     b1 = _segsum(ZT[:, :, None] * B[:, None, :], arrays)
-    R = _rest_size(arrays, structure)
-    br = _rest_sum(ZTr[:, :, None] * B[:, None, :], arrays, R) if _several(structure) else None
-    if br is None:
+    if _several(structure):
+        br = _rest_sum(ZTr[:, :, None] * B[:, None, :], arrays, _rest_size(arrays, structure))
+    else:
         br = jnp.zeros((0, p + 1), y.dtype)
 
     def solve(c1, cr):
