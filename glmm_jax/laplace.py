@@ -376,13 +376,15 @@ def _implicit_modes_jvp(family, structure, primals, tangents):
 
     # With an estimated dispersion the weights carry 1 / dispersion, or the trials the
     # negative binomial's size (optimize.py), so their tangents move the modes too;
-    # otherwise they are data.
+    # otherwise they are data, and left out of the jvp (zero tangents there still cost an
+    # elementwise pass each, ~15% of a 10^6-row fit).
     if family.fixed_dispersion:
-        dw, dt = jnp.zeros_like(arrays.weights), jnp.zeros_like(arrays.trials)
+        fn = partial(stationarity, weights=arrays.weights, trials=arrays.trials)
+        _, dF, (info, ZT, ZTr) = jax.jvp(fn, (x,), (dx,), has_aux=True)
     else:
-        dw, dt = tangents[1].weights, tangents[1].trials
-    primals_in, tangents_in = (x, arrays.weights, arrays.trials), (dx, dw, dt)
-    _, dF, (info, ZT, ZTr) = jax.jvp(stationarity, primals_in, tangents_in, has_aux=True)
+        primals_in = (x, arrays.weights, arrays.trials)
+        tangents_in = (dx, tangents[1].weights, tangents[1].trials)
+        _, dF, (info, ZT, ZTr) = jax.jvp(stationarity, primals_in, tangents_in, has_aux=True)
     F = _hessian_factor(info, ZT, ZTr, arrays, structure, True)
     du = _hessian_solve(F, dF, arrays, structure)
     return u, jax.tree_util.tree_map(jnp.negative, du)
