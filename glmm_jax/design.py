@@ -560,6 +560,11 @@ def build_design(
 
     def pad(a, fill=0.0):
         out = np.full((n_pad, *a.shape[1:]), fill, dtype=dtype)
+        if a.size and np.all(a == a.flat[0]):
+            # A constant (unit weights and trials, no offset, a random intercept's ones): no
+            # permutation needed, which saves ~15 ms per array at 10^6 rows.
+            out[:n] = a.flat[0]
+            return out
         # np.take into place: 14 ms for a (10^6, 2) matrix, where a[order] takes 74 ms.
         np.take(a.astype(dtype, copy=False), order, axis=0, out=out[:n])
         return out
