@@ -62,8 +62,10 @@ class ModelArrays(NamedTuple):
     ----------
     X : (n, p) fixed-effects matrix (preconditioned: see ``design.py``).
     y : (n,) response; successes for the binomial.
-    trials : (n,) binomial trials (1 otherwise).
-    weights : (n,) prior weights; 0 marks padding.
+    trials : (n,) binomial trials (1 otherwise); during a negative binomial fit, its size
+        (``optimize.fit_arrays`` sets it from the parameters).
+    weights : (n,) prior weights; 0 marks padding. During a fit of a family with a dispersion
+        they are divided by it (``optimize.fit_arrays``).
     offset : (n,) offset of the linear predictor.
     Z : (n, Q) random-effect covariates of the first (largest) grouping factor.
     group : (n,) int32 its level codes, sorted ascending.
