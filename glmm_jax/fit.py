@@ -54,7 +54,8 @@ def fit_design(design: Design, control: Control | None = None, start=None) -> GL
     control : Control, optional
         Optimiser settings.
     start : dict, optional
-        ``{"fixef": array, "theta": array}`` starting values on lme4's scales.
+        ``{"fixef": array, "theta": array}`` starting values on lme4's scales, and
+        ``"dispersion"`` for a family with a dispersion or size.
 
     Returns
     -------
@@ -92,17 +93,33 @@ def _warn_about(result: GLMMResult) -> None:
         )
 
 
+def _start_phi(design: Design, start: dict) -> np.ndarray:
+    """``phi`` from ``start["theta"]`` on lme4's scale (default 1 on the diagonals); diagonals
+    are kept off zero, where ``log`` would be ``-inf``."""
+    structure = design.structure
+    nt = structure.n_theta
+    theta = np.asarray(start.get("theta", np.ones(nt) * structure.diagonal), float).reshape(-1)
+    if theta.shape != (nt,):
+        raise ValueError(f"start needs theta of length {nt}, got {theta.size}")
+    theta = np.where(structure.diagonal, np.maximum(theta, 1e-4), theta)
+    return structure.phi_from_theta(theta)
+
+
 def _start_vector(design: Design, start: dict) -> np.ndarray:
-    p, nt = design.p, design.structure.n_theta
+    """``x0`` from ``start``: ``fixef`` and ``theta`` on lme4's scales, and for a family with a
+    dispersion (or the negative binomial's size) ``dispersion``, default 1."""
+    p = design.p
     beta = np.asarray(start.get("fixef", np.zeros(p)), float).reshape(-1)
-    theta = np.asarray(start.get("theta", np.ones(nt) * design.structure.diagonal), float).reshape(
-        -1
-    )
-    if beta.shape != (p,) or theta.shape != (nt,):
-        raise ValueError(f"start needs fixef of length {p} and theta of length {nt}")
-    theta = np.where(design.structure.diagonal, np.maximum(theta, 1e-4), theta)
+    if beta.shape != (p,):
+        raise ValueError(f"start needs fixef of length {p}, got {beta.size}")
     gamma = np.linalg.solve(design.M, beta)
-    return np.concatenate([gamma, design.structure.phi_from_theta(theta)])
+    extra = []
+    if not design.family.fixed_dispersion:
+        dispersion = float(start.get("dispersion", 1.0))
+        if not dispersion > 0:
+            raise ValueError(f"start's dispersion must be positive, got {dispersion}")
+        extra = [np.log(dispersion)]
+    return np.concatenate([gamma, extra, _start_phi(design, start)])
 
 
 def fit_lmm_design(
@@ -114,13 +131,7 @@ def fit_lmm_design(
     """
     control = Control() if control is None else control
     structure = design.structure
-    phi0 = None
-    if start is not None:
-        theta = np.asarray(start.get("theta", structure.diagonal), float).reshape(-1)
-        if theta.shape != (structure.n_theta,):
-            raise ValueError(f"start needs theta of length {structure.n_theta}")
-        theta = np.where(structure.diagonal, np.maximum(theta, 1e-4), theta)
-        phi0 = structure.phi_from_theta(theta).astype(design.arrays.X.dtype)
+    phi0 = None if start is None else _start_phi(design, start).astype(design.arrays.X.dtype)
     t0 = time.perf_counter()
     with precision():
         out = compiled_lmm(design.arrays, phi0, structure=structure, reml=reml, control=control)
@@ -233,7 +244,8 @@ def glmer(
     control : Control, optional
         Optimiser settings (lme4's ``glmerControl``).
     start : dict, optional
-        ``{"fixef": ..., "theta": ...}`` starting values.
+        ``{"fixef": ..., "theta": ...}`` starting values on lme4's scales, with
+        ``"dispersion"`` (or the negative binomial's size) for the families that have one.
     dtype : {"float64", "float32"}
         Precision of the computation; float64 by default, without touching JAX's global flags.
 

@@ -37,6 +37,24 @@ def test_gamma_matches_glmmtmb(cake_fit):
     assert "Residual" in str(m.summary())
 
 
+def test_start_values_include_the_dispersion(cake_fit):
+    ref = reference("cake_gamma_tmb")
+    start = {"fixef": cake_fit.fixef, "theta": cake_fit.theta, "dispersion": cake_fit.dispersion}
+    m = gj.glmer(
+        ref["py"]["formula"], case_frame("cake_gamma_tmb"), family="Gamma", link="log", start=start
+    )
+    assert m.loglik == pytest.approx(cake_fit.loglik, abs=1e-6)
+    assert m.fit_info.evaluations < cake_fit.fit_info.evaluations
+    with pytest.raises(ValueError, match="dispersion must be positive"):
+        gj.glmer(
+            ref["py"]["formula"],
+            case_frame("cake_gamma_tmb"),
+            family="Gamma",
+            link="log",
+            start={**start, "dispersion": 0.0},
+        )
+
+
 def test_gamma_simulate_and_positive_response(cake_fit):
     sims = cake_fit.simulate(50, seed=1)
     assert np.all(sims.to_numpy() > 0)
