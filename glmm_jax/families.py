@@ -77,6 +77,14 @@ class Family:
         """Mean of the response (a probability for the binomial) at ``eta``."""
         return self.link.linkinv(eta)
 
+    def _log_mu(self, eta: Array) -> Array:
+        """``log mu``: exactly ``eta`` for the log link, floored at the smallest positive
+        number otherwise (for the count families' kernels)."""
+        if self.link.name == "log":
+            return eta
+        tiny = jnp.finfo(jnp.result_type(eta)).tiny
+        return jnp.log(jnp.maximum(self.link.linkinv(eta), tiny))
+
     def fisher_weight(self, trials: Array, eta: Array) -> Array:
         """Expected information about ``eta`` in one observation: ``m (dmu/deta)^2 / V(mu)``."""
         mu = self.mu(eta)
@@ -232,12 +240,6 @@ class Poisson(Family):
     valid_links: tuple[str, ...] = dataclasses.field(
         default=("log", "sqrt", "identity"), init=False, repr=False
     )
-
-    def _log_mu(self, eta):
-        if self.link.name == "log":
-            return eta
-        tiny = jnp.finfo(jnp.result_type(eta)).tiny
-        return jnp.log(jnp.maximum(self.link.linkinv(eta), tiny))
 
     def _kernel(self, y, trials, eta):
         return jnp.where(y > 0, y * self._log_mu(eta), 0.0) - self.mu(eta)
@@ -432,12 +434,6 @@ class NegativeBinomial(Family):
     observed_information: bool = dataclasses.field(default=True, init=False, repr=False)
     #: The size rides in ``trials``, not as a divisor of the weights.
     size_in_trials: bool = dataclasses.field(default=True, init=False, repr=False)
-
-    def _log_mu(self, eta):
-        if self.link.name == "log":
-            return eta
-        tiny = jnp.finfo(jnp.result_type(eta)).tiny
-        return jnp.log(jnp.maximum(self.link.linkinv(eta), tiny))
 
     def loglik_kernel(self, y, trials, eta):
         # Plain autodiff: the kernel depends on the size as well as on eta.
