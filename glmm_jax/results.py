@@ -521,6 +521,16 @@ class GLMMResult:
         return self.summary()._repr_html_()
 
 
+#: How summary() prints each column of coef_table(); p-values get ".3g".
+_COEF_FORMATS = {
+    "Estimate": ".5g",
+    "Std. Error": ".5g",
+    "df": ".2f",
+    "z value": ".3f",
+    "t value": ".3f",
+}
+
+
 def _num(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if np.isfinite(x) else "NaN"
 
@@ -555,13 +565,14 @@ class Summary:
         return table
 
     def _coef_strings(self) -> pd.DataFrame:
+        """``coef_table()`` as lme4 prints it, whatever its columns (z or t tests), with the
+        significance stars of its last column, the p-value."""
         t = self.result.coef_table()
         out = pd.DataFrame(index=t.index)
-        out["Estimate"] = t["Estimate"].map(lambda v: f"{v:.5g}")
-        out["Std. Error"] = t["Std. Error"].map(lambda v: f"{v:.5g}")
-        out["z value"] = t["z value"].map(lambda v: f"{v:.3f}")
-        out["Pr(>|z|)"] = t["Pr(>|z|)"].map(lambda v: f"{v:.3g}")
-        out[""] = t["Pr(>|z|)"].map(_signif_stars)
+        for column in t:
+            spec = _COEF_FORMATS.get(column, ".3g")
+            out[column] = [format(v, spec) for v in t[column]]
+        out[""] = t[t.columns[-1]].map(_signif_stars)
         return out
 
     def _corr_strings(self) -> pd.DataFrame | None:
@@ -780,14 +791,3 @@ class LMMSummary(Summary):
         res = r.residuals("pearson") / r.sigma
         q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
         return pd.DataFrame([[f"{v:.4f}" for v in q]], columns=["Min", "1Q", "Median", "3Q", "Max"])
-
-    def _coef_strings(self) -> pd.DataFrame:
-        t = self.result.coef_table()
-        out = pd.DataFrame(index=t.index)
-        out["Estimate"] = t["Estimate"].map(lambda v: f"{v:.5g}")
-        out["Std. Error"] = t["Std. Error"].map(lambda v: f"{v:.5g}")
-        out["df"] = t["df"].map(lambda v: f"{v:.2f}")
-        out["t value"] = t["t value"].map(lambda v: f"{v:.3f}")
-        out["Pr(>|t|)"] = t["Pr(>|t|)"].map(lambda v: f"{v:.3g}")
-        out[""] = t["Pr(>|t|)"].map(_signif_stars)
-        return out
