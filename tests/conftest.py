@@ -89,6 +89,34 @@ def fit_case(case: str):
     return _FITS[case]
 
 
+def batch_fits(design, sims):
+    """The compiled fit mapped over simulated responses (columns of ``sims``, in data order),
+    by ``jax.vmap`` and by ``jax.lax.map``: ``(by_vmap, by_map)``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from glmm_jax.fit import compiled_fit
+    from glmm_jax.optimize import Control
+
+    with jax.enable_x64(True):
+        arrays = jax.tree_util.tree_map(jnp.asarray, design.arrays)
+        Y = np.zeros((sims.shape[1], arrays.y.shape[0]))
+        Y[:, : design.nobs] = sims.to_numpy().T[:, design.order]
+        Y = jnp.asarray(Y)
+
+        def one(y):
+            return compiled_fit(
+                arrays._replace(y=y),
+                None,
+                family=design.family,
+                structure=design.structure,
+                control=Control(),
+            )
+
+        return jax.vmap(one)(Y), jax.lax.map(one, Y)
+
+
 @pytest.fixture(scope="session")
 def exam():
     return gj.datasets.load_exam()

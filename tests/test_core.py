@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import batch_fits
 
 import glmm_jax as gj
 from glmm_jax.design import bucket, build_design
@@ -71,25 +72,8 @@ def _stacked_responses(exam, n_rep=3, seed=0):
 def test_vmap_and_lax_map_equal_separate_fits(exam):
     m, sims = _stacked_responses(exam)
     d = _design("success ~ schavg + (1 | school)", exam)
-    n = d.nobs
-    with jax.enable_x64(True):
-        arrays = jax.tree_util.tree_map(jnp.asarray, d.arrays)
-        Y = np.zeros((sims.shape[1], arrays.y.shape[0]))
-        Y[:, :n] = sims.to_numpy().T[:, d.order]
-        Y = jnp.asarray(Y)
-
-        def one(y):
-            return compiled_fit(
-                arrays._replace(y=y),
-                None,
-                family=d.family,
-                structure=d.structure,
-                control=Control(),
-            )
-
-        by_vmap = jax.vmap(one)(Y)
-        by_map = jax.lax.map(one, Y)
-    for r in range(Y.shape[0]):
+    by_vmap, by_map = batch_fits(d, sims)
+    for r in range(sims.shape[1]):
         data_r = exam.assign(success=sims.iloc[:, r].to_numpy())
         single = gj.glmer("success ~ schavg + (1 | school)", data_r)
         for batch in (by_vmap, by_map):

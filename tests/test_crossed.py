@@ -11,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import case_frame, fit_case, reference
+from conftest import batch_fits, case_frame, fit_case, reference
 
 import glmm_jax as gj
 import glmm_jax.design as design_module
 from glmm_jax.blocked import DenseCoupling, SparseCoupling
 from glmm_jax.design import DataError, build_design
-from glmm_jax.fit import compiled_fit
 from glmm_jax.laplace import (
     _split,
     conditional_variances,
@@ -252,23 +251,7 @@ def test_vmap_and_lax_map_equal_separate_fits_with_crossed_factors():
     formula = "y ~ x + (1 | a) + (1 | b)"
     m = gj.glmer(formula, data, family="poisson")
     sims = m.simulate(2, seed=3)
-    d = m._design
-    with jax.enable_x64(True):
-        arrays = jax.tree_util.tree_map(jnp.asarray, d.arrays)
-        Y = np.zeros((2, arrays.y.shape[0]))
-        Y[:, : d.nobs] = sims.to_numpy().T[:, d.order]
-
-        def one(y):
-            return compiled_fit(
-                arrays._replace(y=y),
-                None,
-                family=d.family,
-                structure=d.structure,
-                control=Control(),
-            )
-
-        by_vmap = jax.vmap(one)(jnp.asarray(Y))
-        by_map = jax.lax.map(one, jnp.asarray(Y))
+    by_vmap, by_map = batch_fits(m._design, sims)
     for r in range(2):
         single = gj.glmer(formula, data.assign(y=sims.iloc[:, r].to_numpy()), family="poisson")
         for batch in (by_vmap, by_map):
