@@ -48,6 +48,7 @@ __all__ = [
     "solve",
     "logdet",
     "inverse_blocks",
+    "selected_inverse",
     "spd_inverse",
     "spd_logdet",
 ]
@@ -228,24 +229,50 @@ def logdet(F: BlockedCholesky):
     return jnp.sum(chol_logdet(F.L11)) + dense
 
 
+def selected_inverse(F: BlockedCholesky, coupling):
+    """The blocks of ``H^{-1}`` that the rows of ``Z Lambda`` touch: ``(X11, X21, S_inv)``.
+
+    ``X11`` ``(G, Q, Q)`` are the first factor's diagonal blocks, ``X21`` the coupling blocks in
+    the coupling's layout (``(G, R, Q)`` dense, ``(P, Q)`` one per pair: row ``r`` of the pair's
+    effect, columns of its level) and ``S_inv`` the dense ``(R, R)`` block. With
+    ``T = S^{-1} L21``, ``X21 = -T L11^{-1}`` and ``X11 = L11^{-T} (I + L21' T) L11^{-1}``; for the
+    sparse layout ``T`` and ``L21' T`` are sums over the pairs of pairs (and then the pairs) of
+    each level, so nothing of size ``G x R`` is formed.
+    """
+    G, q = F.L11.shape[:2]
+    S_inv = spd_inverse(F.S) if F.L22 is None else _cho_inverse(F.L22)
+    if isinstance(coupling, DenseCoupling):
+        T = jnp.einsum("rs,gsq->grq", S_inv, F.C)
+        inner = jnp.einsum("grq,grp->gqp", F.C, T)
+        X21 = -tri_solve_t(F.L11[:, None], T)
+    else:
+        P = F.C.shape[0]
+        s = S_inv.reshape(-1)[coupling.pp_flat][:, None]
+        left, right = coupling.pp_left, coupling.pp_right
+        # Each unordered pair of pairs is listed once: it adds to both of its pairs, once if
+        # the two are the same pair.
+        other = jnp.where((left != right)[:, None], s * F.C[left], 0.0)
+        T = jax.ops.segment_sum(s * F.C[right], left, num_segments=P) + jax.ops.segment_sum(
+            other, right, num_segments=P
+        )
+        inner = _level_sum(F.C[:, :, None] * T[:, None, :], coupling.pair_level, G)
+        X21 = -tri_solve_t(F.L11[coupling.pair_level], T)
+    eye = jnp.eye(q, dtype=S_inv.dtype)
+    L_inv = jnp.stack([tri_solve(F.L11, jnp.broadcast_to(eye[j], (G, q))) for j in range(q)], -1)
+    X11 = jnp.einsum("gji,gjk,gkl->gil", L_inv, inner + eye, L_inv)
+    return X11, X21, S_inv
+
+
+def _cho_inverse(L):
+    return cho_solve((L, True), jnp.eye(L.shape[0], dtype=L.dtype))
+
+
 def inverse_blocks(F: BlockedCholesky, coupling, rest_shapes):
     """Diagonal blocks of ``H^{-1}``: ``(G, Q, Q)`` for the first factor, then one
     ``(G_k, Q_k, Q_k)`` array per other factor (``rest_shapes`` lists their ``(G_k, Q_k)``).
-
-    The first factor's block is ``L11^{-T} (I + L21' S^{-1} L21)_g L11^{-1}``.
     """
-    G, q = F.L11.shape[:2]
-    S_inv = spd_inverse(F.S)
-    eye = jnp.eye(q, dtype=S_inv.dtype)
-    if isinstance(coupling, DenseCoupling):
-        inner = jnp.einsum("grq,rs,gsp->gqp", F.C, S_inv, F.C) + eye
-    else:
-        s = _pair_weight(coupling) * S_inv.reshape(-1)[coupling.pp_flat]
-        outer = F.C[coupling.pp_left][:, :, None] * F.C[coupling.pp_right][:, None, :]
-        half = _level_sum(s[:, None, None] * outer, coupling.pp_level, G)
-        inner = half + jnp.swapaxes(half, 1, 2) + eye
-    L_inv = jnp.stack([tri_solve(F.L11, jnp.broadcast_to(eye[j], (G, q))) for j in range(q)], -1)
-    blocks = [jnp.einsum("gji,gjk,gkl->gil", L_inv, inner, L_inv)]
+    X11, _, S_inv = selected_inverse(F, coupling)
+    blocks = [X11]
     offset = 0
     for G_k, q_k in rest_shapes:
         idx = offset + jnp.arange(G_k)[:, None] * q_k + jnp.arange(q_k)[None, :]

@@ -47,6 +47,7 @@ __all__ = [
     "solve_modes",
     "implicit_modes",
     "laplace_deviance",
+    "hessian_logdet",
     "deviance_and_gradient",
     "deviance_constant",
     "conditional_variances",
@@ -199,6 +200,56 @@ def _hessian_logdet(F, structure: ReStructure):
     if not _several(structure):
         return jnp.sum(chol_logdet(F))
     return blocked.logdet(F)
+
+
+def _row_inverse_products(F, ZT, ZTr, arrays: ModelArrays, structure: ReStructure):
+    """``H^{-1} a_i`` on row ``i``'s own coordinates, for each row ``a_i`` of ``Z Lambda``.
+
+    ``a_i`` is ``ZT_i`` on its level's block of ``u_1`` and ``ZTr_i`` on the effects
+    ``coupling.rest[i]`` of ``u_r``; the result is the pair ``(P1, Pr)`` of shapes ``(n, Q)`` and
+    ``(n, C)``. Only the blocks of ``H^{-1}`` that rows touch are formed
+    (:func:`blocked.selected_inverse`).
+    """
+    if not _several(structure):
+        return jnp.einsum("nij,nj->ni", chol_inverse(F)[arrays.group], ZT), ZTr
+    X11, X21, S_inv = blocked.selected_inverse(F, arrays.coupling)
+    c = arrays.coupling
+    q = ZT.shape[1]
+    # The coupling block of each row and rest column: (n, C, Q).
+    if isinstance(c, DenseCoupling):
+        X21_rows = X21.reshape(-1, q)[c.obs_cell]
+    else:
+        X21_rows = X21[c.obs_pair]
+    S_rows = S_inv[c.rest[:, :, None], c.rest[:, None, :]]
+    P1 = jnp.einsum("nij,nj->ni", X11[arrays.group], ZT) + jnp.einsum("ncq,nc->nq", X21_rows, ZTr)
+    Pr = jnp.einsum("ncq,nq->nc", X21_rows, ZT) + jnp.einsum("ncd,nd->nc", S_rows, ZTr)
+    return P1, Pr
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(5,))
+def hessian_logdet(w, ZT, ZTr, F, arrays: ModelArrays, structure: ReStructure):
+    """``log det H`` with ``H = Lambda' Z' diag(w) Z Lambda + I``, from its factor ``F``.
+
+    ``F`` must be :func:`_hessian_factor` of the same ``(w, ZT, ZTr)``; the derivative is taken
+    through those alone, as ``tr(H^{-1} dH) = sum_i dw_i a_i' H^{-1} a_i
+    + 2 w_i da_i' H^{-1} a_i`` (``a_i`` row ``i`` of ``Z Lambda``), which needs only the blocks
+    of ``H^{-1}`` that rows touch. Reverse-mode autodiff through the factorisation instead
+    would carry the dense block's inverse through every step of the assembly.
+    """
+    return _hessian_logdet(F, structure)
+
+
+@hessian_logdet.defjvp
+def _hessian_logdet_jvp(structure, primals, tangents):
+    w, ZT, ZTr, F, arrays = primals
+    dw, dZT, dZTr = tangents[:3]
+    # Calling the custom_jvp function again keeps higher derivatives on this rule; F's own
+    # tangent carries them into the selected inverse below.
+    value = hessian_logdet(w, ZT, ZTr, F, arrays, structure)
+    P1, Pr = _row_inverse_products(F, ZT, ZTr, arrays, structure)
+    quad = jnp.sum(ZT * P1, axis=1) + jnp.sum(ZTr * Pr, axis=1)
+    cross = jnp.sum(dZT * P1, axis=1) + jnp.sum(dZTr * Pr, axis=1)
+    return value, jnp.sum(dw * quad + 2.0 * w * cross)
 
 
 def _score_terms(family: Family, arrays: ModelArrays, eta):
@@ -413,10 +464,9 @@ def laplace_deviance(x, arrays, u_star, mask, family, structure):
     u = implicit_modes(x, arrays, u_star, mask, family, structure)
     eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
     ll = jnp.sum(arrays.weights * family.loglik_kernel(arrays.y, arrays.trials, eta))
-    logdet = _hessian_logdet(
-        _hessian_factor(_laplace_weights(family, arrays, eta), ZT, ZTr, arrays, structure, True),
-        structure,
-    )
+    w = _laplace_weights(family, arrays, eta)
+    F = _hessian_factor(w, ZT, ZTr, arrays, structure, True)
+    logdet = hessian_logdet(w, ZT, ZTr, F, arrays, structure)
     return -2.0 * ll + jnp.sum(u[0] ** 2) + jnp.sum(u[1] ** 2) + logdet
 
 
@@ -500,11 +550,16 @@ def conditional_variances(x, u, arrays, mask, family, structure):
     """
     eta, ZT, ZTr = linear_predictor(x, u, arrays, structure, mask)
     F = _hessian_factor(_laplace_weights(family, arrays, eta), ZT, ZTr, arrays, structure, False)
+    return variances_from_factor(F, x[arrays.X.shape[1] :], arrays, mask, structure)
+
+
+def variances_from_factor(F, phi, arrays: ModelArrays, mask, structure: ReStructure):
+    """:func:`conditional_variances` from the Hessian's factor ``F`` at ``theta(phi)``."""
     if _several(structure):
         inverses = blocked.inverse_blocks(F, arrays.coupling, rest_shapes(arrays, structure))
     else:
         inverses = (chol_inverse(F),)
-    blocks = structure.lambda_blocks(structure.theta_from_phi(x[arrays.X.shape[1] :], mask))
+    blocks = structure.lambda_blocks(structure.theta_from_phi(phi, mask))
     return tuple(
         jnp.einsum("ij,gjk,lk->gil", T, V, T) for T, V in zip(blocks, inverses, strict=True)
     )
