@@ -45,6 +45,14 @@ def bucket(n: int, minimum: int = 16) -> int:
     return size
 
 
+def rest_bucket(levels: int) -> int:
+    """Padded levels of a grouping factor after the largest: :func:`bucket` up to 512, then
+    the next multiple of 64. Their effects share one dense block whose factorisation costs the
+    cube of its size, so the 25% steps of ``bucket`` would cost up to twice the time (InstEval's
+    1,128 instructors: 1,152 rather than 1,280, and its Cholesky and inverse 27% cheaper)."""
+    return bucket(levels, 16) if levels <= 512 else -(-levels // 64) * 64
+
+
 def _lme4_name(name: str) -> str:
     return "(Intercept)" if name == "Intercept" else name
 
@@ -572,8 +580,8 @@ def build_design(
     group = np.pad(first.codes[order].astype(np.int32), (0, n_pad - n), constant_values=G - 1)
     others = factors[1:]
     rest_levels = tuple(
-        np.pad(np.ones(len(f.labels)), (0, bucket(len(f.labels), 16) - len(f.labels))).astype(dtype)
-        for f in others
+        np.pad(np.ones(G_k), (0, rest_bucket(G_k) - G_k)).astype(dtype)
+        for G_k in (len(f.labels) for f in others)
     )
     if others:
         Zr = np.concatenate([f.Z for f in others], axis=1)

@@ -250,7 +250,9 @@ def _symmetric_free(H, both):
     return jnp.where(both, 0.5 * (H + H.T), 0.0)
 
 
-def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, control: Control):
+def _minimize(
+    value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, control: Control, hessian=None
+):
     """Minimise the deviance over the free coordinates of ``x``: L-BFGS, then Newton.
 
     ``value(x, u0) -> (v, u*)`` solves the modes warm-started at ``u0``;
@@ -265,6 +267,10 @@ def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, contr
     (where lme4 calls a fit singular) the loop stops with status ``_BOUNDARY``, leaving the
     variance to the boundary stage.
 
+    ``hessian(x, u*, g)``, if given, replaces the exact Hessian with a cheap approximation
+    (lmer's average information, ``lmm.average_information``): it is computed on every Newton
+    step and convergence is judged with it; it is then the returned Hessian.
+
     Returns ``(x, u, deviance, grad, hessian, lbfgs_its, newton_its, evaluations, status)``, with
     the gradient and Hessian at the returned ``x`` (fixed coordinates zeroed) unless an
     iteration limit stopped it mid-way.
@@ -276,6 +282,15 @@ def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, contr
 
     def cond(state: _LoopState):
         return state.status == _RUNNING
+
+    # A supplied Hessian approximation (lmer's average information) is cheap: it is taken on
+    # every Newton step, and convergence is judged with it.
+    approximate = hessian is not None
+
+    def exact_hessian(x, u, g):
+        if hessian is not None:
+            return hessian(x, u, g)
+        return jax.jacfwd(lambda xx: dev_and_grad(xx, u)[1])(x)
 
     def bfgs(H, s, y):
         Hs = H @ s
@@ -289,10 +304,10 @@ def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, contr
         it_l, it_n = state.lbfgs_its, state.newton_its
         v, g = dev_and_grad(x, u)
         g = jnp.where(free, g, 0.0)
-        exact = newton & (~state.have_H | state.near)
+        exact = newton & (~state.have_H | state.near | approximate)
         H = jax.lax.cond(
             exact,
-            lambda: _symmetric_free(jax.jacfwd(lambda xx: dev_and_grad(xx, u)[1])(x), both),
+            lambda: _symmetric_free(exact_hessian(x, u, g), both),
             lambda: jnp.where(newton, bfgs(state.H, x - state.x_prev, g - state.g), state.H),
         )
 
@@ -311,7 +326,7 @@ def _minimize(value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, contr
         decrement = -jnp.dot(g, d)
         # No tolerance below the rounding of the deviance itself (it matters in float32).
         tol = jnp.maximum(control.newton_tol, 10 * jnp.finfo(x.dtype).eps * (1.0 + jnp.abs(v)))
-        converged = exact & (decrement < tol)
+        converged = (exact | (approximate & newton)) & (decrement < tol)
         # A converged step needs no line search (under vmap both branches run, harmlessly).
         alpha, v_new, u_new, accepted, k = jax.lax.cond(
             converged,
@@ -475,7 +490,7 @@ def _moment_dispersion(arrays: ModelArrays, family: Family, beta):
 def fit_stages(objective, x0, u_zero, p: int, structure: ReStructure, control: Control, rows: int):
     """Minimise over ``x = (beta, phi)`` in two stages, the second on the boundary.
 
-    ``objective(mask) -> (value, dev_and_grad)`` as :func:`_minimize` takes them, for the
+    ``objective(mask) -> (value, dev_and_grad[, hessian])`` as :func:`_minimize` takes them, for the
     variances held at zero where ``mask`` is 0; ``p`` leading entries of ``x`` are not
     variance parameters (0 for lmer, whose fixed effects are profiled out). The interior fit
     runs first; then, if it left a variance near zero, the fit with every such variance held at
@@ -501,9 +516,11 @@ def fit_stages(objective, x0, u_zero, p: int, structure: ReStructure, control: C
         skip = (k == 1) & ~jnp.any(candidate)
         x_start = jnp.where(k == 0, x0, x_prev)
         u_start = _where(k == 0, u_zero, u_prev)
-        value, dev_and_grad = objective(mask)
+        value, dev_and_grad, *hessian = objective(mask)
         u_start = jax.lax.cond(skip, lambda: u_start, lambda: value(x_start, u_start)[1])
-        res = _minimize(value, dev_and_grad, x_start, u_start, free, watch, k == 0, skip, control)
+        res = _minimize(
+            value, dev_and_grad, x_start, u_start, free, watch, k == 0, skip, control, *hessian
+        )
         return (res[0], res[1]), (mask, *res)
 
     _, stages = jax.lax.scan(stage, (x0, u_zero), jnp.arange(2))

@@ -20,6 +20,7 @@ from ._config import precision
 from .design import DataError, Design, _evaluate, _lme4_name
 from .families import Binomial, Gamma, Gaussian
 from .laplace import rest_shapes
+from .lmm import lmm_conditional_variances
 from .optimize import FitOutput, Status
 
 __all__ = ["GLMMResult", "LMMResult", "FitInfo", "ConvergenceWarning", "SingularFitWarning"]
@@ -298,14 +299,17 @@ class GLMMResult:
             rows.append(("Residual", None, None, self.dispersion, self.sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
-    @property
+    @functools.cached_property
     def condvar(self) -> dict[str, np.ndarray]:
         """Grouping factor -> conditional covariance of each level's effects, ``(G, Q, Q)``."""
         d = self._design
         return {
-            f: V[: len(d.levels[f])]
-            for f, V in zip(d.structure.factors, self._out.condvar, strict=True)
+            f: np.asarray(V)[: len(d.levels[f])]
+            for f, V in zip(d.structure.factors, self._condvar_blocks(), strict=True)
         }
+
+    def _condvar_blocks(self) -> tuple:
+        return self._out.condvar
 
     def ranef_frame(self) -> pd.DataFrame:
         """Tidy conditional modes, as ``as.data.frame(ranef(m))``.
@@ -522,6 +526,8 @@ class GLMMResult:
 
 
 #: How summary() prints each column of coef_table(); p-values get ".3g".
+_compiled_lmm_condvar = jax.jit(lmm_conditional_variances, static_argnames=("structure",))
+
 _COEF_FORMATS = {
     "Estimate": ".5g",
     "Std. Error": ".5g",
@@ -693,6 +699,14 @@ class LMMResult(GLMMResult):
     def _dispersion_slots(self) -> int:
         # sigma is profiled out of the fit: x = (beta, phi).
         return 0
+
+    def _condvar_blocks(self) -> tuple:
+        # Computed on first use, not by the fit (see lmm.LmmOutput).
+        d, out = self._design, self._out
+        with precision():
+            return _compiled_lmm_condvar(
+                d.arrays, out.x[d.p :], out.mask, out.sigma, structure=d.structure
+            )
 
     @property
     def sigma(self) -> float:

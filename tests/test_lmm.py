@@ -16,7 +16,13 @@ from conftest import case_frame, fit_case, reference
 
 import glmm_jax as gj
 from glmm_jax.design import DataError, build_design
-from glmm_jax.lmm import profiled_deviance
+from glmm_jax.lmm import (
+    average_information,
+    envelope_deviance,
+    moment_start,
+    pls,
+    profiled_deviance,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +66,95 @@ def test_gradient_of_the_criterion_matches_finite_differences(formula, reml):
         f_jit, h = jax.jit(f), 1e-6
         g_fd = [(f_jit(phi + h * e) - f_jit(phi - h * e)) / (2 * h) for e in np.eye(n)]
     np.testing.assert_allclose(g, g_fd, rtol=1e-5, atol=1e-5)
+
+
+# One grouping factor with a vector term, two crossed scalar ones, and a vector term on the
+# second of two crossed factors (the blocked algebra's coupling and rest blocks).
+GRADIENT_CASES = [
+    ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
+    ("penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    ("sim_pois_crossed_offset", "y ~ z + (1 | site) + (z | year)"),
+]
+
+
+def _lmm_design(name, formula):
+    if name == "sim_pois_crossed_offset":
+        data = case_frame(name).assign(y=lambda d: np.log1p(d["count"]) + 0.1 * d["z"])
+    else:
+        data = gj.datasets.load(name)
+    return build_design(formula, data, gj.gaussian())
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("name, formula", GRADIENT_CASES)
+def test_envelope_gradient_equals_the_exact_gradient(name, formula, reml):
+    """The optimiser's cheap gradient (solution held fixed, selected inverse for log det H)
+    equals the gradient of the criterion differentiated through the whole PLS solve."""
+    d = _lmm_design(name, formula)
+    n = d.structure.n_theta
+    with jax.enable_x64(True):
+        mask, st = jnp.ones(n), d.structure
+        phi = jnp.asarray(np.linspace(-0.7, 0.2, n))
+        v_exact, g_exact = jax.jit(
+            jax.value_and_grad(lambda p: profiled_deviance(p, d.arrays, mask, st, reml))
+        )(phi)
+        v_env, g_env = jax.jit(
+            jax.value_and_grad(lambda p: envelope_deviance(p, d.arrays, mask, st, reml))
+        )(phi)
+    assert float(v_env) == pytest.approx(float(v_exact), rel=1e-12)
+    np.testing.assert_allclose(g_env, g_exact, rtol=1e-8, atol=1e-8)
+    assert np.max(np.abs(np.asarray(g_exact))) > 1e-2  # not at a stationary point
+
+
+@pytest.mark.parametrize("name, formula", GRADIENT_CASES)
+def test_average_information_approximates_the_hessian_at_the_optimum(name, formula):
+    """The average information, which the lmer fit takes as its Hessian, is within a few
+    percent of the criterion's Hessian (differences of the exact gradient) at the optimum."""
+    d = _lmm_design(name, formula)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = gj.fit.fit_lmm_design(d, reml=False)
+    st, n = d.structure, d.structure.n_theta
+    with jax.enable_x64(True):
+        mask = jnp.ones(n)
+        phi = jnp.asarray(np.asarray(m._out.x[d.p :]))
+        sol = pls(phi, d.arrays, mask, st, False)
+        AI = np.asarray(average_information(phi, sol, d.arrays, mask, st, False))
+        grad = jax.jit(jax.grad(lambda p: profiled_deviance(p, d.arrays, mask, st, False)))
+        h = 1e-5
+        H = np.array([(grad(phi + h * e) - grad(phi - h * e)) / (2 * h) for e in np.eye(n)])
+    scale = np.max(np.abs(H))
+    np.testing.assert_allclose(AI, AI.T, atol=1e-8 * scale)
+    if name != "sim_pois_crossed_offset":
+        np.testing.assert_allclose(AI, H, atol=0.05 * scale)
+    else:
+        # 12 years: observed and expected information differ more; what Newton needs is a
+        # well-scaled step, i.e. the eigenvalues of AI^{-1} H near 1 (on the interior
+        # coordinates: the last variance is at its boundary).
+        interior = np.ix_(range(3), range(3))
+        ratio = np.linalg.eigvals(np.linalg.solve(AI[interior], H[interior])).real
+        assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
+
+
+@pytest.mark.filterwarnings("ignore::glmm_jax.SingularFitWarning")
+def test_moment_start_is_near_the_optimum():
+    """The moment estimates that start an lmer fit land near lme4's theta for scalar terms
+    (and at theta = 1 for vector terms); a zero variance starts at the lower clip."""
+    for case in ["penicillin_crossed_lmm", "dyestuff_lmm", "dyestuff2_singular_lmm"]:
+        ref, m = reference(case), fit_case(case)
+        d = m._design
+        with jax.enable_x64(True):
+            theta0 = np.exp(np.asarray(moment_start(d.arrays, d.structure)))
+        theta = np.atleast_1d(ref["theta"])
+        if case == "dyestuff2_singular_lmm":
+            assert theta0 == pytest.approx([0.05])
+        else:
+            np.testing.assert_allclose(theta0, theta, rtol=0.35)
+    d = build_design(
+        "Reaction ~ Days + (Days | Subject)", gj.datasets.load_sleepstudy(), gj.gaussian()
+    )
+    with jax.enable_x64(True):
+        assert np.all(np.asarray(moment_start(d.arrays, d.structure)) == 0.0)
 
 
 def test_satterthwaite_degrees_of_freedom():
