@@ -18,10 +18,11 @@ import scipy.stats
 
 from ._config import precision
 from .design import DataError, Design, _evaluate, _lme4_name
-from .families import Binomial, Gamma, Gaussian
+from .families import Binomial
 from .laplace import rest_shapes
 from .lmm import lmm_conditional_variances
 from .optimize import FitOutput, Status
+from .simulate import simulate_responses
 
 __all__ = ["GLMMResult", "LMMResult", "FitInfo", "ConvergenceWarning", "SingularFitWarning"]
 
@@ -459,48 +460,43 @@ class GLMMResult:
 
         Returns a DataFrame of ``nobs`` rows and ``nsim`` columns ``sim_1 ...``, on the scale of
         the response as given: 0/1 or proportions (binomial with weights), successes for
-        ``cbind`` responses, counts for the Poisson.
+        ``cbind`` responses, counts for the Poisson. ``refit_batch`` takes it as it is.
         """
         d = self._design
-        blocks = self._blocks()
-        eta_fixed = self._eta_fit(False)
-        with precision():
-            key = jax.random.PRNGKey(0 if seed is None else seed)
-            sims = []
-            for k in jax.random.split(key, nsim):
-                *ku, ky = jax.random.split(k, 1 + len(blocks))
-                eta = eta_fixed.copy()
-                for kf, (f, T) in zip(ku, blocks.items(), strict=True):
-                    u = self._scale * np.asarray(
-                        jax.random.normal(kf, (len(d.levels[f]), T.shape[0]))
-                    )
-                    eta += np.sum(d.factor_Z[f] * (u @ T.T)[d.factor_codes[f]], axis=1)
-                sims.append(self._draw(ky, self.family.link.linkinv(jax.numpy.asarray(eta))))
-        return pd.DataFrame(
-            np.column_stack(sims), index=d.index, columns=[f"sim_{i + 1}" for i in range(nsim)]
+        Y = simulate_responses(
+            d,
+            self.fixef.to_numpy(),
+            self.theta,
+            dispersion=self.dispersion,
+            scale=self._scale,
+            nsim=nsim,
+            seed=seed,
         )
+        return pd.DataFrame(Y, index=d.index, columns=[f"sim_{i + 1}" for i in range(nsim)])
+
+    def refit_batch(self, responses, **kwargs):
+        """Refit this model to each column of ``responses`` in one compiled, mapped call.
+
+        ``responses`` is ``(nobs, R)`` (an array, or a DataFrame such as :meth:`simulate`'s), in
+        the order and on the scale of this fit's response. Every replicate starts from this
+        fit's estimates (as lme4's ``refit``). Keyword arguments go to
+        :func:`glmm_jax.batch.fit_batch_design` (``chunk_size``, ``progress``, ``control``,
+        ``start``).
+
+        Returns
+        -------
+        BatchResult
+        """
+        from .batch import fit_batch_design
+
+        kwargs.setdefault("control", self._control)
+        kwargs.setdefault("start", self._out.x)
+        if isinstance(self, LMMResult):
+            kwargs.setdefault("reml", self.reml)
+        return fit_batch_design(self._design, responses, **kwargs)
 
     #: Scale of the spherical random effects (``sigma`` for a linear mixed model).
     _scale = 1.0
-
-    def _draw(self, key, mu) -> np.ndarray:
-        """One simulated response at means ``mu``, on the scale of the response as given."""
-        d = self._design
-        if isinstance(self.family, Gaussian):
-            noise = np.asarray(jax.random.normal(key, mu.shape, mu.dtype))
-            return np.asarray(mu) + noise * np.sqrt(self.dispersion / d.prior_weights)
-        if isinstance(self.family, Gamma):
-            shape = d.prior_weights / self.dispersion
-            return np.asarray(mu) * np.asarray(jax.random.gamma(key, shape)) / shape
-        if self.family.size_in_trials:
-            size = jax.numpy.full(mu.shape, self.dispersion, mu.dtype)
-            return np.asarray(self.family.simulate(key, mu, size))
-        if not self.family.fixed_dispersion:
-            raise NotImplementedError(f"simulating from the {self.family.name} family")
-        y = np.asarray(self.family.simulate(key, mu, jax.numpy.asarray(d.trials)))
-        if isinstance(self.family, Binomial) and d.spec.response.kind != "cbind":
-            y = y / d.trials
-        return y
 
     # ---------------------------------------------------------------- printing
     def coef_table(self) -> pd.DataFrame:
@@ -720,10 +716,6 @@ class LMMResult(GLMMResult):
     @property
     def _scale(self) -> float:
         return self.sigma
-
-    def _draw(self, key, mu) -> np.ndarray:
-        noise = np.asarray(jax.random.normal(key, mu.shape, mu.dtype))
-        return np.asarray(mu) + self.sigma * noise / np.sqrt(self._design.prior_weights)
 
     @functools.cached_property
     def varcorr(self) -> pd.DataFrame:
