@@ -7,6 +7,8 @@
 
 from . import datasets
 from ._config import enable_compilation_cache
+from .batch import BatchResult, fit_batch, fit_batch_design
+from .bootstrap import BootstrapResult, bootstrap
 from .design import DataError, build_design
 from .families import Binomial, Family, Gaussian, Poisson, binomial, gaussian, get_family, poisson
 from .fit import fit_design, fit_lmm_design, glmer, glmer_nb, lmer
@@ -14,7 +16,9 @@ from .formula import FormulaError, FormulaSpec, parse_formula
 from .links import Link, get_link
 from .lmm import LmmOutput, fit_lmm_arrays
 from .optimize import Control, FitOutput, Status, fit_arrays
+from .power import PowerResult, power
 from .results import ConvergenceWarning, FitInfo, GLMMResult, LMMResult, SingularFitWarning
+from .simulate import simulate_responses
 
 __version__ = "0.1.0"
 
@@ -22,6 +26,14 @@ __all__ = [
     "glmer",
     "glmer_nb",
     "lmer",
+    "fit_batch",
+    "fit_batch_design",
+    "BatchResult",
+    "bootstrap",
+    "BootstrapResult",
+    "power",
+    "PowerResult",
+    "simulate_responses",
     "fit_design",
     "fit_lmm_design",
     "fit_arrays",
