@@ -120,8 +120,9 @@ def _validate_responses(design: Design, responses) -> np.ndarray:
     return Y
 
 
-def _is_lmm(design: Design) -> bool:
-    return isinstance(design.family, Gaussian) and design.family.link.name == "identity"
+def _is_lmm(family: Family) -> bool:
+    """A gaussian family with the identity link: a linear mixed model (``lmer``)."""
+    return isinstance(family, Gaussian) and family.link.name == "identity"
 
 
 def fit_batch_design(
@@ -176,7 +177,7 @@ def fit_batch_design(
         structure=design.structure,
         control=control,
         reml=bool(reml),
-        lmm=_is_lmm(design),
+        lmm=_is_lmm(design.family),
         vectorize=gpu,
     )
     # CPU: chunks run concurrently, one per core (XLA runs a small fit on one core, so two
@@ -404,7 +405,7 @@ class BatchResult:
         self.seconds = seconds
         d, s = design, design.structure
         p, names = d.p, d.fixef_names
-        lmm = _is_lmm(d)
+        lmm = _is_lmm(d.family)
         self.reml = bool(reml) and lmm
         self.nsim = int(out.x.shape[0])
         self.status = np.asarray(out.status, dtype=int)
@@ -428,7 +429,7 @@ class BatchResult:
             cov = self.sigma[:, None, None] ** 2 * (d.M @ np.asarray(out.cov_unscaled) @ d.M.T)
             scale = self.sigma
         else:
-            cov = _fixef_covariance(np.asarray(out.hessian), mask, p, k, d.M)
+            cov = fixef_covariance(np.asarray(out.hessian), mask, p, k, d.M)
             if k and not d.family.size_in_trials:
                 self.sigma = np.sqrt(np.exp(x[:, p]))
             else:
@@ -487,10 +488,13 @@ class BatchResult:
         )
 
 
-def _fixef_covariance(H, mask, p: int, k: int, M) -> np.ndarray:
-    """Batched ``GLMMResult._fixef_covariance``: ``(R, p, p)`` from the Hessians ``(R, m, m)``.
+def fixef_covariance(H, mask, p: int, k: int, M) -> np.ndarray:
+    """Covariance of the fixed effects, ``(R, p, p)``, from the Hessians ``(R, m, m)`` of the
+    deviance over all parameters (the observed information is half of it), for a batch of
+    fits or one (``GLMMResult``, with ``R = 1``).
 
-    Coordinates held at the boundary get an identity row and column, so the inverse's free
+    ``k`` is the number of dispersion slots after the ``p`` fixed effects. Coordinates held at
+    the boundary get an identity row and column, so the inverse's free
     block is the free submatrix's inverse; a Hessian that is not positive definite gives NaN.
     """
     R, m = H.shape[:2]

@@ -125,7 +125,7 @@ class BlockedCholesky(NamedTuple):
 @jax.custom_jvp
 def spd_inverse(S):
     """Inverse of a symmetric positive-definite matrix; derivative ``-S^{-1} dS S^{-1}``."""
-    return cho_solve((jnp.linalg.cholesky(S), True), jnp.eye(S.shape[0], dtype=S.dtype))
+    return _cho_inverse(jnp.linalg.cholesky(S))
 
 
 @spd_inverse.defjvp

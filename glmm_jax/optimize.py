@@ -287,7 +287,8 @@ def _minimize(
     # every Newton step, and convergence is judged with it.
     approximate = hessian is not None
 
-    def exact_hessian(x, u, g):
+    def hessian_at(x, u, g):
+        """The exact Hessian (forward derivative of the gradient), or the supplied one."""
         if hessian is not None:
             return hessian(x, u, g)
         return jax.jacfwd(lambda xx: dev_and_grad(xx, u)[1])(x)
@@ -307,7 +308,7 @@ def _minimize(
         exact = newton & (~state.have_H | state.near | approximate)
         H = jax.lax.cond(
             exact,
-            lambda: _symmetric_free(exact_hessian(x, u, g), both),
+            lambda: _symmetric_free(hessian_at(x, u, g), both),
             lambda: jnp.where(newton, bfgs(state.H, x - state.x_prev, g - state.g), state.H),
         )
 

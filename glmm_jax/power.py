@@ -16,10 +16,10 @@ import pandas as pd
 import scipy.stats
 
 from ._config import resolve_dtype
-from .batch import _with_response, fit_batch_design
+from .batch import _is_lmm, _with_response, fit_batch_design
 from .design import DataError, Design, build_design
 from .families import Family, Gaussian, get_family
-from .fit import _start_phi
+from .fit import _start_phi, _start_vector
 from .formula import FormulaSpec, parse_formula
 from .optimize import Control
 from .simulate import simulate_responses
@@ -128,7 +128,7 @@ def power(
         frames = [(None, data)]
     fam = get_family(family, link)
     spec = formula if isinstance(formula, FormulaSpec) else parse_formula(formula)
-    lmm = isinstance(fam, Gaussian) and fam.link.name == "identity"
+    lmm = _is_lmm(fam)
     control = Control() if control is None else control
     rows = []
     for i, (size, frame) in enumerate(frames):
@@ -283,12 +283,13 @@ def _dispersion(design: Design, lmm: bool, sigma, dispersion) -> tuple[float, fl
 
 
 def _start(design: Design, beta, theta, dispersion: float, lmm: bool) -> np.ndarray:
-    """The compiled fit's parameters at the truth: every replicate starts there."""
-    gamma = np.linalg.solve(design.M, beta)
-    phi = _start_phi(design, {"theta": theta})
-    if lmm or design.family.fixed_dispersion:
-        return np.concatenate([gamma, phi])
-    return np.concatenate([gamma, [np.log(dispersion)], phi])
+    """The compiled fit's parameters at the truth: every replicate starts there (a linear
+    mixed model's have no dispersion slot: sigma is profiled out)."""
+    if lmm:
+        return np.concatenate(
+            [np.linalg.solve(design.M, beta), _start_phi(design, {"theta": theta})]
+        )
+    return _start_vector(design, {"fixef": beta, "theta": theta, "dispersion": dispersion})
 
 
 def _reduced_design(spec, data, fam, design, term, weights, offset, dtype) -> Design:

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.stats
 
 from ._config import precision
+from .batch import fixef_covariance
 from .design import DataError, Design, _evaluate, _lme4_name
 from .families import Binomial
 from .laplace import rest_shapes
@@ -153,8 +154,8 @@ class GLMMResult:
             #: The negative binomial's size (lme4's ``glmer.nb`` theta).
             self.nb_size = self.dispersion
         self._beta = design.M @ gamma
+        self._cov_beta = self._fixef_covariance(out)
         free = np.concatenate([np.ones(p + k, bool), mask > 0])
-        self._cov_beta = self._fixef_covariance(out, free)
 
         self.deviance = float(out.deviance)
         self.loglik = -0.5 * self.deviance
@@ -195,18 +196,11 @@ class GLMMResult:
         d = self._design
         return np.full(d.nobs, self.dispersion) if self.family.size_in_trials else d.trials
 
-    def _fixef_covariance(self, out, free) -> np.ndarray:
+    def _fixef_covariance(self, out) -> np.ndarray:
         """Covariance of the fixed effects from the exact Hessian over all parameters."""
-        p, M = self._design.p, self._design.M
-        H = out.hessian[np.ix_(free, free)]
-        # The deviance is -2 log L, so the observed information is half its Hessian.
-        try:
-            cov_x = np.linalg.inv(0.5 * H)
-            if not np.all(np.linalg.eigvalsh(0.5 * (H + H.T)) > 0):
-                raise np.linalg.LinAlgError
-        except np.linalg.LinAlgError:
-            cov_x = np.full_like(H, np.nan)
-        return M @ cov_x[:p, :p] @ M.T
+        d = self._design
+        k = self._dispersion_slots()
+        return fixef_covariance(out.hessian[None], out.mask[None], d.p, k, d.M)[0]
 
     # The pandas objects are built on first access: they cost more than the arithmetic.
     @functools.cached_property
@@ -709,7 +703,7 @@ class LMMResult(GLMMResult):
         """Residual standard deviation."""
         return self._sigma
 
-    def _fixef_covariance(self, out, free) -> np.ndarray:
+    def _fixef_covariance(self, out) -> np.ndarray:
         M = self._design.M
         return self._sigma**2 * (M @ out.cov_unscaled @ M.T)
 
