@@ -73,22 +73,33 @@ def _required_variables(spec: FormulaSpec) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _numeric_or_refuse(col: pd.Series, what: str, expr: str) -> np.ndarray:
+    """``col`` as floats, or a :class:`DataError` naming ``what`` if it is not numeric.
+
+    Strings are refused rather than parsed ("1" and "yes" alike), and so are categoricals:
+    R's model frame does the same for a numeric role.
+    """
+    dtype = col.dtype
+    if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)) or (
+        isinstance(dtype, pd.CategoricalDtype)
+    ):
+        raise DataError(f"{what} {expr!r} must be numeric, got {dtype} values")
+    return np.asarray(col, dtype=float)
+
+
 def _evaluate(expr: str, data: pd.DataFrame, what: str) -> np.ndarray:
     """A numeric vector from a column name or an expression on the columns."""
     name = expr[1:-1] if expr.startswith("`") and expr.endswith("`") else expr
     if name in data.columns:
-        col = data[name]
-    else:
-        try:
+        return _numeric_or_refuse(data[name], what, expr)
+    try:
+        with np.errstate(all="ignore"):  # log(0), 1/0: non-finite values are reported below
             mm = formulaic.model_matrix(f"0 + I({expr})", data, na_action="ignore")
-        except Exception as exc:
-            raise DataError(f"cannot evaluate {what} {expr!r}: {exc}") from None
-        if mm.shape[1] != 1:
-            raise DataError(f"{what} {expr!r} must be numeric, not categorical")
-        col = mm.iloc[:, 0]
-    if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
-        raise DataError(f"{what} {expr!r} must be numeric, got {col.dtype} values")
-    return np.asarray(col, dtype=float)
+    except Exception as exc:
+        raise DataError(f"cannot evaluate {what} {expr!r}: {exc}") from None
+    if mm.shape[1] != 1:
+        raise DataError(f"{what} {expr!r} must be numeric, not categorical")
+    return _numeric_or_refuse(mm.iloc[:, 0], what, expr)
 
 
 def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, pd.Index]:
@@ -262,7 +273,8 @@ def _fixed_matrix(spec: FormulaSpec, data: pd.DataFrame):
     if simple is not None:
         names = [_lme4_name(c) for c in simple.column_names]
         return simple.matrix(data), names, simple
-    mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
+    with np.errstate(all="ignore"):  # log(0), 1/0: non-finite values are reported later
+        mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
     names = [_lme4_name(c) for c in mm.columns]
     return np.asarray(mm, dtype=float), names, mm.model_spec
 
@@ -300,7 +312,11 @@ def _preconditioner(R: np.ndarray, n: float) -> np.ndarray:
 
 
 def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
-    """``(y counts, trials, prior weights, y on the mean scale)`` for the family."""
+    """``(y counts, trials, prior weights, y on the mean scale)`` for the family.
+
+    Only evaluation and the errors of kind (a non-numeric response, cbind() outside the
+    binomial); the values are checked by :func:`_check_response` once incomplete rows are gone.
+    """
     r = spec.response
     if r.kind == "cbind":
         if not isinstance(family, Binomial):
@@ -311,48 +327,90 @@ def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
         f = _evaluate(r.exprs[1], data, "cbind() failures")
         trials = s + f
         w = np.ones_like(s) if weights is None else weights
-        ymean = np.divide(s, trials, out=np.zeros_like(s), where=trials > 0)
+        with np.errstate(all="ignore"):
+            ymean = np.divide(s, trials, out=np.zeros_like(s), where=trials > 0)
         return s, trials, w, ymean
     expr = r.exprs[0]
     name = expr[1:-1] if expr.startswith("`") and expr.endswith("`") else expr
-    if (
-        isinstance(family, Binomial)
-        and name in data.columns
-        and (
-            isinstance(data[name].dtype, pd.CategoricalDtype) or data[name].dtype in (object, bool)
-        )
-    ):
-        # A two-level factor response: the first level is failure, as in R.
-        col = pd.Categorical(data[name])
-        if len(col.categories) != 2:
-            raise DataError(
-                f"binomial response {name!r} must be 0/1, proportions, or a two-level factor; "
-                f"it has {len(col.categories)} levels"
-            )
-        v = (np.asarray(col.codes) == 1).astype(float)
-    else:
-        v = _evaluate(expr, data, "response")
-    if isinstance(family, Binomial):
-        if weights is None:
-            if np.any((v < 0) | (v > 1)):
+    col = data[name] if name in data.columns else None
+    if isinstance(family, Binomial) and col is not None:
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            # A two-level factor response: the first level is failure, as in R.
+            levels = col.array.remove_unused_categories().categories
+            if len(levels) != 2:
                 raise DataError(
-                    f"binomial response {expr!r} must lie in [0, 1] (0/1 or proportions with "
-                    "weights=trials), or use cbind(successes, failures)"
+                    f"binomial response {name!r} must be 0/1, proportions, or a two-level "
+                    f"factor; it has {len(levels)} levels"
                 )
-            trials = np.ones_like(v)
-        else:
-            trials = weights
-        counts = v * trials
-        if np.any(np.abs(counts - np.round(counts)) > 1e-7):
-            warnings.warn("non-integer number of successes in a binomial GLMM", stacklevel=4)
-        return counts, trials, np.ones_like(v), v
-    if family.name in ("Gamma", "inverse.gaussian") and np.any(v <= 0):
-        raise DataError(
-            f"{family.name} response {expr!r} must be positive; {int(np.sum(v <= 0))} "
-            "values are zero or negative"
-        )
+            col = pd.Series(col.to_numpy() == levels[1], index=col.index)
+        elif not (pd.api.types.is_numeric_dtype(col.dtype) or col.dtype == bool):
+            raise DataError(
+                f"binomial response {name!r} must be numeric (0/1 or proportions), boolean, "
+                f"or a two-level pandas Categorical (its first category is failure), not "
+                f"{col.dtype} values"
+            )
+    v = (
+        _evaluate(expr, data, "response")
+        if col is None
+        else _numeric_or_refuse(col, "response", expr)
+    )
+    if isinstance(family, Binomial):
+        trials = np.ones_like(v) if weights is None else weights
+        return v * trials, trials, np.ones_like(v), v
     w = np.ones_like(v) if weights is None else weights
     return v, np.ones_like(v), w, v
+
+
+def _values(mask: np.ndarray, adjective: str) -> str:
+    """``"1 negative value"``, ``"3 negative values"``: how many ``mask`` marks."""
+    k = int(np.sum(mask))
+    return f"{k} {adjective} value{'s' if k != 1 else ''}"
+
+
+def _check_response(spec: FormulaSpec, family: Family, y, trials, ymean, weighted: bool):
+    """Refuse responses outside the family's support; warn about non-integer counts."""
+    expr = spec.response.exprs[0]
+    if isinstance(family, Binomial):
+        if spec.response.kind == "cbind":
+            negative = (y < 0) | (trials - y < 0)
+            if np.any(negative):
+                raise DataError(
+                    "cbind() successes and failures must be non-negative counts; found "
+                    f"{_values(negative, 'negative')}"
+                )
+        elif np.any((ymean < 0) | (ymean > 1)):
+            if weighted:
+                raise DataError(
+                    f"binomial response {expr!r} with weights= (the numbers of trials) must be "
+                    f"a proportion in [0, 1]; found {_values((ymean < 0) | (ymean > 1), 'other')}"
+                )
+            raise DataError(
+                f"binomial response {expr!r} must lie in [0, 1] (0/1 or proportions with "
+                "weights=trials), or use cbind(successes, failures)"
+            )
+        counts = np.concatenate([y, trials - y])
+        if np.any(np.abs(counts - np.round(counts)) > 1e-7):
+            warnings.warn("non-integer number of successes in a binomial GLMM", stacklevel=4)
+    elif family.name in ("poisson", "negative_binomial"):
+        if np.any(y < 0):
+            raise DataError(
+                f"{family.name} response {expr!r} must be a non-negative count; "
+                f"found {_values(y < 0, 'negative')}"
+            )
+        fractional = np.abs(y - np.round(y)) > 1e-7
+        if np.any(fractional):
+            # R's dpois and dnbinom warn and return 0 here; the gamma-function extension of
+            # the log-density is used instead, so the fit goes on (a quasi-likelihood).
+            warnings.warn(
+                f"{family.name} response {expr!r} has {_values(fractional, 'non-integer')}; "
+                "the log-likelihood uses the gamma-function extension of the log-density there",
+                stacklevel=4,
+            )
+    elif family.name in ("Gamma", "inverse.gaussian") and np.any(y <= 0):
+        raise DataError(
+            f"{family.name} response {expr!r} must be positive; {int(np.sum(y <= 0))} "
+            "values are zero or negative"
+        )
 
 
 #: Effects outside the largest grouping factor are held in one dense block (``blocked.py``):
@@ -381,7 +439,7 @@ class _Factor:
     specs: list
 
 
-def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame, family: Family, trials):
+def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame) -> list[_Factor]:
     """The model's grouping factors, largest first, with their random-effect columns.
 
     lme4 orders random terms by decreasing number of levels (stable), and so does ``theta``;
@@ -399,7 +457,8 @@ def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame, family: Family, trial
             cols, Zt = ["(Intercept)"], np.ones((len(df), 1))
             f.specs.append(None)
         else:
-            mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
+            with np.errstate(all="ignore"):  # non-finite values are reported by the caller
+                mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
             cols = [_lme4_name(c) for c in mm.columns]
             f.specs.append(mm.model_spec)
             Zt = np.asarray(mm, dtype=float)
@@ -408,8 +467,11 @@ def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame, family: Family, trial
         else:
             f.terms.extend(Term(name, (c,)) for c in cols)
         f.Z = Zt if f.Z is None else np.concatenate([f.Z, Zt], axis=1)
-    ordered = sorted(factors.values(), key=lambda f: -len(f.labels))
-    n = len(df)
+    return sorted(factors.values(), key=lambda f: -len(f.labels))
+
+
+def _check_factors(ordered: list[_Factor], n: int, family: Family, trials) -> None:
+    """Refuse grouping factors whose variance cannot be estimated, and designs too large."""
     for f in ordered:
         G = len(f.labels)
         if G < 2:
@@ -430,7 +492,6 @@ def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame, family: Family, trial
             f"({ordered[0].name!r}); the dense block that couples them would need "
             f"{rest**2 * 8 / 2**30:.1f} GiB, and at most {MAX_DENSE_EFFECTS} are supported"
         )
-    return ordered
 
 
 def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, q: int, R: int):
@@ -491,6 +552,73 @@ def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, q: in
     )
 
 
+def _check_weights(w: np.ndarray) -> None:
+    """Weights are data, not something to drop: missing, infinite or negative ones are refused."""
+    if np.any(np.isnan(w)):
+        raise DataError(f"weights have {_values(np.isnan(w), 'missing')}; every row needs one")
+    if np.any(np.isinf(w)):
+        raise DataError(f"weights have {_values(np.isinf(w), 'infinite')}; they must be finite")
+    if np.any(w < 0):
+        raise DataError(f"weights must be non-negative; found {_values(w < 0, 'negative')}")
+
+
+@dataclasses.dataclass
+class _ModelFrame:
+    """Every array a model reads, evaluated on the complete rows, before any checks."""
+
+    response: str
+    y: np.ndarray
+    trials: np.ndarray
+    prior_weights: np.ndarray
+    ymean: np.ndarray
+    X: np.ndarray
+    names: list[str]
+    fixed_spec: object
+    offset: np.ndarray
+    factors: list[_Factor]
+
+    def _parts(self):
+        """``(what, values)`` for every evaluated vector, ``what`` naming it for a message."""
+        yield f"response {self.response!r}", self.ymean
+        yield f"response {self.response!r} (trials)", self.trials
+        for name, x in zip(self.names, self.X.T, strict=True):
+            yield f"fixed-effect column {name!r}", x
+        yield "offset", self.offset
+        for f in self.factors:
+            cols = [c for t in f.terms for c in t.names]
+            for name, z in zip(cols, f.Z.T, strict=True):
+                yield f"random-effect column {name!r} of {f.name!r}", z
+
+    def nan_rows(self) -> np.ndarray:
+        """Rows where an evaluated value is NaN (an expression of complete columns)."""
+        bad = np.zeros(len(self.y), dtype=bool)
+        for _, values in self._parts():
+            bad |= np.isnan(values)
+        return bad
+
+    def check_finite(self) -> None:
+        """Refuse infinite values, naming where they are (R: NA/NaN/Inf in 'x')."""
+        for what, values in self._parts():
+            if np.any(np.isinf(values)):
+                raise DataError(
+                    f"{what} has {_values(np.isinf(values), 'infinite')} (Inf or -Inf, from "
+                    "the data or an expression such as log(0)); remove those rows or "
+                    "transform the variable"
+                )
+
+
+def _model_frame(spec: FormulaSpec, family: Family, df: pd.DataFrame, w, off_vector) -> _ModelFrame:
+    y, trials, prior_w, ymean = _response(spec, family, df, w)
+    X, names, fixed_spec = _fixed_matrix(spec, df)
+    off = np.zeros(len(df)) if off_vector is None else off_vector.copy()
+    for expr in spec.offsets:
+        off = off + _evaluate(expr, df, "offset")
+    factors = _grouping_factors(spec, df)
+    return _ModelFrame(
+        str(spec.response), y, trials, prior_w, ymean, X, names, fixed_spec, off, factors
+    )
+
+
 def build_design(
     formula: str | FormulaSpec,
     data: pd.DataFrame,
@@ -521,40 +649,49 @@ def build_design(
         )
     used = list(_required_variables(spec))
     _check_columns(data, used, spec.formula)
+    if len(data) == 0:
+        raise DataError("data has no rows")
     w_all = _vector_arg(weights, data, "weights")
     off_all = _vector_arg(offset, data, "offset")
+    if w_all is not None:
+        _check_weights(w_all)
 
     complete = np.ones(len(data), dtype=bool)
     for col in used:
         complete &= data[col].notna().to_numpy()
-    for vec in (w_all, off_all):
-        if vec is not None:
-            complete &= np.isfinite(vec)
+    if off_all is not None:
+        complete &= ~np.isnan(off_all)
+    # An expression can make NaN from complete columns (log of a negative value): such rows are
+    # incomplete too, as in R's model frame. Dropping them and evaluating again ends, as every
+    # round drops at least one row.
+    while True:
+        # Read-only from here on: the full frame when nothing was dropped (no copy).
+        df = data if complete.all() else data.loc[complete, used]
+        if len(df) == 0:
+            raise DataError(
+                f"no complete rows left to fit the model: each of the {len(data)} rows has a "
+                "missing value in a column the model uses"
+            )
+        w = None if w_all is None else w_all[complete]
+        frame = _model_frame(spec, family, df, w, off_all if off_all is None else off_all[complete])
+        nan_rows = frame.nan_rows()
+        if not nan_rows.any():
+            break
+        complete[np.flatnonzero(complete)[nan_rows]] = False
     n_dropped = int(np.sum(~complete))
     if n_dropped:
         warnings.warn(
             f"dropped {n_dropped} of {len(data)} rows with missing values in the model's columns",
             stacklevel=3,
         )
-    # Read-only from here on: the full frame when nothing was dropped (no copy).
-    df = data.loc[complete, used] if n_dropped else data
-    if len(df) == 0:
-        raise DataError("no complete rows left to fit the model")
-    w = None if w_all is None else w_all[complete]
-    if w is not None and np.any(w < 0):
-        raise DataError("weights must be non-negative")
-
-    y, trials, prior_w, ymean = _response(spec, family, df, w)
-
-    X, names, fixed_spec = _fixed_matrix(spec, df)
-    X, names, dropped, R = _drop_aliased(X, names)
-
-    off = np.zeros(len(df)) if off_all is None else off_all[complete].copy()
-    for expr in spec.offsets:
-        off = off + _evaluate(expr, df, "offset")
+    frame.check_finite()
+    y, trials, prior_w, ymean = frame.y, frame.trials, frame.prior_weights, frame.ymean
+    _check_response(spec, family, y, trials, ymean, weighted=w is not None)
+    X, names, dropped, R = _drop_aliased(frame.X, frame.names)
+    fixed_spec, off, factors = frame.fixed_spec, frame.offset, frame.factors
 
     n = len(df)
-    factors = _grouping_factors(spec, df, family, trials)
+    _check_factors(factors, n, family, trials)
     first = factors[0]
     terms = [t for f in factors for t in f.terms]
     structure = ReStructure(tuple(terms))

@@ -67,6 +67,9 @@ class Family:
     size_in_trials: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        if not isinstance(self.link, Link):
+            # Binomial("probit") as well as Binomial(get_link("probit")); frozen, hence setattr.
+            object.__setattr__(self, "link", get_link(self.link))
         if self.link.name not in self.valid_links:
             raise ValueError(
                 f"link {self.link.name!r} is not available for the {self.name} family; "
