@@ -18,6 +18,7 @@ from .lmm import LmmOutput, fit_lmm_arrays
 from .optimize import Control, FitOutput, Status, fit_arrays
 from .power import PowerResult, power
 from .results import ConvergenceWarning, FitInfo, GLMMResult, LMMResult, SingularFitWarning
+from .separation import SeparationWarning
 from .simulate import simulate_responses
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ __all__ = [
     "FitInfo",
     "ConvergenceWarning",
     "SingularFitWarning",
+    "SeparationWarning",
     "enable_compilation_cache",
     "datasets",
 ]

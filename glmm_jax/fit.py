@@ -20,11 +20,12 @@ import pandas as pd
 
 from ._config import precision, resolve_dtype
 from .design import Design, build_design
-from .families import Family, Gaussian, gaussian, get_family
+from .families import Binomial, Family, Gaussian, gaussian, get_family
 from .formula import FormulaSpec
 from .lmm import fit_lmm_arrays
 from .optimize import Control, fit_arrays
 from .results import ConvergenceWarning, GLMMResult, LMMResult, SingularFitWarning
+from .separation import SeparationWarning, looks_separated, separating_direction
 
 __all__ = [
     "glmer",
@@ -74,6 +75,8 @@ def fit_design(design: Design, control: Control | None = None, start=None) -> GL
         out = jax.block_until_ready(out)
     result = GLMMResult(design, out, time.perf_counter() - t0, control)
     _warn_about(result)
+    if isinstance(design.family, Binomial):
+        _warn_about_separation(design, np.asarray(out.x), result.converged)
     return result
 
 
@@ -91,6 +94,32 @@ def _warn_about(result: GLMMResult) -> None:
             ConvergenceWarning,
             stacklevel=4,
         )
+
+
+def _warn_about_separation(design: Design, x: np.ndarray, converged: bool) -> None:
+    """Warn, naming the coefficients, when the fixed effects separate a binomial response."""
+    a, n = design.arrays, design.nobs
+    X = np.asarray(a.X[:n])
+    eta = X @ x[: design.p] + np.asarray(a.offset[:n])
+    if not looks_separated(eta, converged):
+        return
+    used = np.asarray(a.trials[:n]) > 0
+    d = separating_direction(X[used], np.asarray(a.y[:n])[used], np.asarray(a.trials[:n])[used])
+    if d is None:
+        return
+    # The direction in the preconditioned basis, mapped to the user's coefficients.
+    direction = design.M @ d
+    involved = np.abs(direction) > 1e-6 * np.abs(direction).max()
+    names = ", ".join(n for n, k in zip(design.fixef_names, involved, strict=True) if k)
+    warnings.warn(
+        f"complete or quasi-complete separation: a combination of the fixed effects ({names}) "
+        "separates the successes from the failures, so their maximum-likelihood estimates are "
+        "infinite; the estimates reported are where the optimiser stopped and their standard "
+        "errors are meaningless. Drop or merge the separating predictors, or use a penalised "
+        "fit",
+        SeparationWarning,
+        stacklevel=4,
+    )
 
 
 def _start_phi(design: Design, start: dict) -> np.ndarray:

@@ -47,8 +47,17 @@ class Status:
     MAXITER = 1  #: Newton polish hit its iteration limit
     LINESEARCH = 2  #: no step decreased the deviance before the gradient was small
     NONFINITE = 3  #: the deviance or its gradient is not finite
+    #: the conditional modes at the optimum did not converge (the inner Newton iteration ran
+    #: out of steps or step-halvings), so the Laplace deviance there is not trustworthy
+    INNER = 4
 
-    names = {0: "converged", 1: "iteration limit", 2: "line search failed", 3: "non-finite"}
+    names = {
+        0: "converged",
+        1: "iteration limit",
+        2: "line search failed",
+        3: "non-finite",
+        4: "conditional modes did not converge",
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +478,11 @@ def fit_arrays(
         objective, x0, u_zero, p + k, structure, control, arrays.X.shape[0]
     )
     xi, a = unpack(x)
+    # The optimiser never asks whether the inner Newton iteration converged (a line-search
+    # trial may stop it early, harmlessly); at the optimum it must have. Warm-started from the
+    # final modes this is one Newton step, one pass over the data.
+    inner_done = solve_modes(xi, a, u, mask, family, structure, control.inner)[2]
+    status = jnp.where((status == Status.CONVERGED) & ~inner_done, Status.INNER, status)
     condvar = conditional_variances(xi, u, a, mask, family, structure)
     if not k:
         v = v + deviance_constant(arrays, family)
