@@ -417,7 +417,8 @@ class BatchResult:
         beta = x[:, :p] @ d.M.T
         phi = x[:, p + k :]
         mask = np.asarray(out.mask)
-        self.theta = np.where(s.diagonal, np.exp(np.where(s.diagonal, phi, 0.0)) * mask, phi)
+        theta = np.where(s.diagonal, np.exp(np.where(s.diagonal, phi, 0.0)) * mask, phi)
+        self.theta = theta * d.theta_scale
         deviance = np.where(failed, np.nan, np.asarray(out.deviance, dtype=float))
         if self.reml:
             # The fit's REML criterion is that of the preconditioned X M; lme4's is of X.

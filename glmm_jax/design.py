@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import warnings
 
 import formulaic
@@ -23,7 +24,7 @@ import pandas as pd
 
 from .blocked import DenseCoupling, SparseCoupling
 from .families import Binomial, Family
-from .formula import FormulaSpec, parse_formula
+from .formula import FormulaError, FormulaSpec, parse_formula
 from .laplace import ModelArrays
 from .structure import ReStructure, Term
 
@@ -67,7 +68,11 @@ def _required_variables(spec: FormulaSpec) -> tuple[str, ...]:
             found = formulaic.Formula(f"0 + {expr}" if expr not in ("1", "0") else expr)
             names += sorted(found.required_variables)
         except Exception as exc:  # formulaic's parse errors
-            raise ValueError(f"cannot parse {expr!r} in formula {spec.formula!r}: {exc}") from None
+            # formulaic colours the offending token for terminals; a message is plain text.
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+            raise FormulaError(
+                f"cannot parse {expr!r} in formula {spec.formula!r}: {reason}"
+            ) from None
     for term in spec.random:
         names += list(term.group)
     return tuple(dict.fromkeys(names))
@@ -194,10 +199,22 @@ class Design:
     factor_codes: dict[str, np.ndarray]
     factor_Z: dict[str, np.ndarray]
     dropped_columns: list[str]
+    re_scale: dict[str, np.ndarray]
 
     @property
     def p(self) -> int:
         return len(self.fixef_names)
+
+    @functools.cached_property
+    def theta_scale(self) -> np.ndarray:
+        """lme4's ``theta`` is the fit's ``theta`` times this (see :func:`re_column_scale`).
+
+        The arrays hold ``Z S^-1`` per factor, so the fit's ``Lambda'`` is ``S Lambda``; a
+        ``theta`` entry in row ``r`` of its factor's block is divided by ``S[r]``.
+        """
+        factors = self.structure.factors
+        layout = self.structure.theta_layout()
+        return np.array([1.0 / self.re_scale[factors[f]][r] for f, r, _ in layout])
 
 
 def _check_columns(data: pd.DataFrame, names: list[str], formula: str) -> None:
@@ -552,6 +569,20 @@ def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, q: in
     )
 
 
+def re_column_scale(Z: np.ndarray) -> np.ndarray:
+    """Divisors of the random-effect columns ``Z`` (``(n, q)``) of one grouping factor.
+
+    A column whose root mean square lies outside [0.1, 10] (a covariate in units that make it
+    1e4 or 1e-4) is divided by it, so that its variance parameter is of order one like the
+    others: the optimiser's steps and tolerances then mean the same for every covariate,
+    whatever its units, as the fixed effects' preconditioner does for ``X``. Columns on
+    ordinary scales, and intercepts, are left as they are. ``theta``, the conditional modes and
+    their variances are mapped back to the user's units for reporting.
+    """
+    rms = np.sqrt(np.mean(Z**2, axis=0))
+    return np.where((rms > 0) & ((rms < 0.1) | (rms > 10.0)), rms, 1.0)
+
+
 def _check_weights(w: np.ndarray) -> None:
     """Weights are data, not something to drop: missing, infinite or negative ones are refused."""
     if np.any(np.isnan(w)):
@@ -693,6 +724,7 @@ def build_design(
     n = len(df)
     _check_factors(factors, n, family, trials)
     first = factors[0]
+    re_scale = {f.name: re_column_scale(f.Z) for f in factors}
     terms = [t for f in factors for t in f.terms]
     structure = ReStructure(tuple(terms))
 
@@ -721,7 +753,7 @@ def build_design(
         for G_k in (len(f.labels) for f in others)
     )
     if others:
-        Zr = np.concatenate([f.Z for f in others], axis=1)
+        Zr = np.concatenate([f.Z / re_scale[f.name] for f in others], axis=1)
         rest, offset = [], 0
         for f, mask in zip(others, rest_levels, strict=True):
             q = f.Z.shape[1]
@@ -739,7 +771,7 @@ def build_design(
         trials=pad(trials, 1.0),
         weights=pad(prior_w),
         offset=pad(off),
-        Z=pad(first.Z),
+        Z=pad(first.Z / re_scale[first.name]),
         group=group,
         level_mask=np.pad(np.ones(G), (0, G_pad - G)).astype(dtype),
         Zr=pad(Zr),
@@ -767,4 +799,5 @@ def build_design(
         factor_codes={f.name: f.codes for f in factors},
         factor_Z={f.name: f.Z for f in factors},
         dropped_columns=dropped,
+        re_scale=re_scale,
     )

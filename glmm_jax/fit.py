@@ -130,6 +130,7 @@ def _start_phi(design: Design, start: dict) -> np.ndarray:
     theta = np.asarray(start.get("theta", np.ones(nt) * structure.diagonal), float).reshape(-1)
     if theta.shape != (nt,):
         raise ValueError(f"start needs theta of length {nt}, got {theta.size}")
+    theta = theta / design.theta_scale  # to the fit's scale (design.re_column_scale)
     theta = np.where(structure.diagonal, np.maximum(theta, 1e-4), theta)
     return structure.phi_from_theta(theta)
 

@@ -146,7 +146,8 @@ class GLMMResult:
         k = self._dispersion_slots()
         gamma, phi = x[:p], x[p + k :]
         mask = out.mask
-        self.theta = np.asarray(structure.theta_from_phi(phi, mask))
+        theta = np.asarray(structure.theta_from_phi(phi, mask))
+        self.theta = theta * design.theta_scale
         #: The dispersion (``sigma^2`` of a gaussian, ``1 / shape`` of a Gamma); 1 for the
         #: binomial and Poisson.
         self.dispersion = float(np.exp(x[p])) if k else 1.0
@@ -165,7 +166,8 @@ class GLMMResult:
         self.df_resid = self.nobs - self.df
 
         diag = structure.diagonal
-        self.singular = bool(np.any(self.theta[diag] < control.singular_tol))
+        # Judged on the fit's scale, where every random-effect column has unit size.
+        self.singular = bool(np.any(theta[diag] < control.singular_tol))
         status = int(out.status)
         self.converged = status == Status.CONVERGED
         g = out.grad[free]
@@ -298,8 +300,9 @@ class GLMMResult:
     def condvar(self) -> dict[str, np.ndarray]:
         """Grouping factor -> conditional covariance of each level's effects, ``(G, Q, Q)``."""
         d = self._design
+        # The fit's effects are S b for its columns Z S^-1 (design.re_column_scale).
         return {
-            f: np.asarray(V)[: len(d.levels[f])]
+            f: np.asarray(V)[: len(d.levels[f])] / np.outer(d.re_scale[f], d.re_scale[f])
             for f, V in zip(d.structure.factors, self._condvar_blocks(), strict=True)
         }
 
