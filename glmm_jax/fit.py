@@ -94,6 +94,17 @@ def _warn_about(result: GLMMResult) -> None:
             ConvergenceWarning,
             stacklevel=4,
         )
+    variances = np.diag(result._cov_beta)
+    unavailable = ~(np.isfinite(variances) & (variances >= 0))
+    if result.converged and np.any(unavailable):
+        names = [n for n, bad in zip(result._design.fixef_names, unavailable, strict=True) if bad]
+        warnings.warn(
+            "the Hessian of the deviance at the optimum is singular, so the standard errors of "
+            f"{', '.join(names)} are not available (NaN): the model is over-parameterised, "
+            "for example random-effect columns that are collinear",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
 
 
 def _warn_about_separation(design: Design, x: np.ndarray, converged: bool) -> None:
