@@ -45,6 +45,7 @@ __all__ = [
     "ModelArrays",
     "InnerControl",
     "solve_modes",
+    "newton_step_size",
     "implicit_modes",
     "laplace_deviance",
     "hessian_logdet",
@@ -283,12 +284,25 @@ def solve_modes(x, arrays, u0, mask, family, structure, control: InnerControl):
     return (u1, u0[1]), it, done
 
 
-def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerControl):
-    """One grouping factor: Newton on every level at once, step-halving level by level.
+def newton_step_size(x, arrays, u, mask, family, structure):
+    """The largest entry of the Newton step for the modes at ``u``: below the inner tolerance
+    where the modes have converged. One pass over the data and one factorisation, where a
+    second :func:`solve_modes` would compile the whole iteration again."""
+    u = jax.lax.stop_gradient(u)
+    if _several(structure):
+        _, grad, F = _inner_blocked(x, arrays, mask, family, structure)(u)
+        delta = _hessian_solve(F, grad, arrays, structure)
+        return jnp.maximum(jnp.max(jnp.abs(delta[0])), jnp.max(jnp.abs(delta[1])))
+    _, grad, H = _inner_one(x, arrays, mask, family, structure)(u[0])
+    return jnp.max(jnp.abs(chol_solve(chol(H), grad)))
 
-    Each trial point costs one pass over the data: the log-density, score and curvature come
-    from one elementwise evaluation, and every per-level sum (objective, gradient, Hessian) from
-    one stacked segment sum; an accepted trial's sums are the next Newton step's inputs.
+
+def _inner_one(x, arrays, mask, family, structure):
+    """One grouping factor: ``at(u) -> (h, grad, H)``, the inner objective per level, its
+    gradient and its Newton Hessian at modes ``u`` (``(G, Q)``).
+
+    Each call is one pass over the data: the log-density, score and curvature come from one
+    elementwise evaluation, and every per-level sum from one stacked segment sum.
     """
     beta, T, _ = _split(x, arrays, structure, mask)
     # Loop invariants, hoisted by hand: XLA does not move them out of the while loop.
@@ -299,7 +313,6 @@ def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerContr
     eye = jnp.eye(q, dtype=ZT.dtype)
 
     def at(u):
-        """Per-level objective, gradient and Newton Hessian at modes ``u``."""
         eta = eta_fixed + jnp.sum(ZT * u[arrays.group], axis=1)
         ll, d1, d2 = family.kernel_score_curvature(arrays.y, arrays.trials, eta)
         w = arrays.weights
@@ -314,6 +327,17 @@ def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerContr
         grad = u - S[:, 1 : 1 + q]
         H = S[:, 1 + q :].reshape(-1, q, q) + eye
         return h, grad, H
+
+    return at
+
+
+def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerControl):
+    """One grouping factor: Newton on every level at once, step-halving level by level.
+
+    Each trial point costs one pass over the data (:func:`_inner_one`); an accepted trial's
+    sums are the next Newton step's inputs.
+    """
+    at = _inner_one(x, arrays, mask, family, structure)
 
     def cond(state):
         *_, it, done = state
@@ -346,19 +370,15 @@ def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerContr
     return u, it, done
 
 
-def _solve_modes_blocked(x, arrays, u0, mask, family, structure, control: InnerControl):
-    """Several grouping factors: Newton steps with the blocked Cholesky factor of the Hessian.
-
-    The objective no longer separates by level, so a step is halved as a whole until the
-    objective does not rise. Each trial costs one pass over the data and one factorisation.
-    """
+def _inner_blocked(x, arrays, mask, family, structure):
+    """Several grouping factors: ``at(u) -> (h, grad, F)``, the inner objective, its gradient
+    and the blocked Cholesky factor of its Newton Hessian at modes ``u = (u_1, u_r)``."""
     beta, T, T_rest = _split(x, arrays, structure, mask)
     eta_fixed = arrays.X @ beta + arrays.offset
     ZT, ZTr = arrays.Z @ T, arrays.Zr @ T_rest
     rest = arrays.coupling.rest
 
     def at(u):
-        """Objective, gradient and the Newton Hessian's factor at modes ``u``."""
         u1, ur = u
         eta = eta_fixed + jnp.sum(ZT * u1[arrays.group], axis=1) + jnp.sum(ZTr * ur[rest], axis=1)
         ll, d1, d2 = family.kernel_score_curvature(arrays.y, arrays.trials, eta)
@@ -368,6 +388,17 @@ def _solve_modes_blocked(x, arrays, u0, mask, family, structure, control: InnerC
         # Observed information floored at 0, as with one factor, so H stays positive definite.
         F = _hessian_factor(w * jnp.maximum(-d2, 0.0), ZT, ZTr, arrays, structure, False)
         return h, grad, F
+
+    return at
+
+
+def _solve_modes_blocked(x, arrays, u0, mask, family, structure, control: InnerControl):
+    """Several grouping factors: Newton steps with the blocked Cholesky factor of the Hessian.
+
+    The objective no longer separates by level, so a step is halved as a whole until the
+    objective does not rise. Each trial costs one pass over the data and one factorisation.
+    """
+    at = _inner_blocked(x, arrays, mask, family, structure)
 
     def cond(state):
         *_, it, done = state

@@ -33,6 +33,7 @@ from .laplace import (
     deviance_and_gradient,
     deviance_constant,
     laplace_deviance,
+    newton_step_size,
     solve_modes,
     zero_modes,
 )
@@ -481,14 +482,13 @@ def fit_arrays(
     xi, a = unpack(x)
     # The optimiser never asks whether the inner Newton iteration converged (a line-search
     # trial may stop it early, harmlessly); at the optimum it must have. Warm-started from the
-    # final modes this is one Newton step, one pass over the data.
+    # final modes one Newton step tells (one pass over the data and one factorisation).
     # Rounding in the gradient's sums limits how small a Newton step can get: in float32 the
     # seed model's steps stall near 2e-3 (the objective's rounding, 1e-4, stops the
     # halvings). eps^(1/3) (5e-3 in float32, 6e-6 in float64) judges the modes at the
     # precision they can have; a mode error that size moves the deviance by its square.
     tol = max(control.inner.tol, float(np.finfo(dtype).eps ** (1 / 3)))
-    check = dataclasses.replace(control.inner, tol=tol)
-    inner_done = solve_modes(xi, a, u, mask, family, structure, check)[2]
+    inner_done = newton_step_size(xi, a, u, mask, family, structure) < tol
     # Modes that did not converge explain any other failure of the outer loop too.
     status = jnp.where((status != Status.NONFINITE) & ~inner_done, Status.INNER, status)
     condvar = conditional_variances(xi, u, a, mask, family, structure)
