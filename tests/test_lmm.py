@@ -40,9 +40,9 @@ def test_criterion_at_lme4s_theta_equals_lme4s(case):
     d = m._design
     phi = d.structure.phi_from_theta(np.atleast_1d(ref["theta"]))
     with jax.enable_x64(True):
-        value = profiled_deviance(
-            jnp.asarray(phi), d.arrays, jnp.ones(phi.size), d.structure, ref["reml"]
-        )
+        value = jax.jit(
+            lambda p: profiled_deviance(p, d.arrays, jnp.ones(phi.size), d.structure, ref["reml"])
+        )(jnp.asarray(phi))
     shift = -2.0 * np.linalg.slogdet(d.M)[1] if ref["reml"] else 0.0
     assert float(value) + shift == pytest.approx(ref["deviance_minus2ll"], abs=1e-6)
 
@@ -118,8 +118,10 @@ def test_average_information_approximates_the_hessian_at_the_optimum(name, formu
     with jax.enable_x64(True):
         mask = jnp.ones(n)
         phi = jnp.asarray(np.asarray(m._out.x[d.p :]))
-        sol = pls(phi, d.arrays, mask, st, False)
-        AI = np.asarray(average_information(phi, sol, d.arrays, mask, st, False))
+        # Compiled: op by op, these dispatch hundreds of small programs.
+        sol = jax.jit(lambda p: pls(p, d.arrays, mask, st, False))(phi)
+        AI = jax.jit(lambda p, s: average_information(p, s, d.arrays, mask, st, False))(phi, sol)
+        AI = np.asarray(AI)
         grad = jax.jit(jax.grad(lambda p: profiled_deviance(p, d.arrays, mask, st, False)))
         h = 1e-5
         H = np.array([(grad(phi + h * e) - grad(phi - h * e)) / (2 * h) for e in np.eye(n)])

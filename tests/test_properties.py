@@ -23,7 +23,7 @@ import glmm_jax as gj
 
 settings.register_profile(
     "ci",
-    max_examples=25,
+    max_examples=15,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
