@@ -395,11 +395,11 @@ def _check_response(spec: FormulaSpec, family: Family, y, trials, ymean, weighte
                     "cbind() successes and failures must be non-negative counts; found "
                     f"{_values(negative, 'negative')}"
                 )
-        elif np.any((ymean < 0) | (ymean > 1)):
+        elif np.any(outside := (ymean < 0) | (ymean > 1)):
             if weighted:
                 raise DataError(
                     f"binomial response {expr!r} with weights= (the numbers of trials) must be "
-                    f"a proportion in [0, 1]; found {_values((ymean < 0) | (ymean > 1), 'other')}"
+                    f"a proportion in [0, 1]; found {_values(outside, 'out-of-range')}"
                 )
             raise DataError(
                 f"binomial response {expr!r} must lie in [0, 1] (0/1 or proportions with "
@@ -589,6 +589,11 @@ def re_column_scale(Z: np.ndarray) -> np.ndarray:
     return np.where((rms > 0) & ((rms < 0.1) | (rms > 10.0)), rms, 1.0)
 
 
+def _scaled(Z: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``Z / scale``, without a copy in the usual case of nothing to scale."""
+    return Z if np.all(scale == 1.0) else Z / scale
+
+
 def _check_weights(w: np.ndarray) -> None:
     """Weights are data, not something to drop: missing, infinite or negative ones are refused."""
     if np.any(np.isnan(w)):
@@ -666,15 +671,19 @@ def build_design(
 ) -> Design:
     """Evaluate ``formula`` on ``data`` and return the :class:`Design` of the model.
 
-    Rows with a missing value in any column the model uses (or in ``weights``/``offset``)
-    are dropped with a warning that counts them. ``data`` itself is never modified.
+    Rows with a missing value in any column the model uses, or in ``offset``, or made NaN by
+    an expression (``log`` of a negative value), are dropped with a warning that counts them.
+    ``data`` itself is never modified.
 
     Raises
     ------
     DataError
-        Missing columns, non-numeric or out-of-range responses, bad weights.
-        Also grouping factors with one level, or with one level per observation where that
-        variance cannot be identified, or too many effects outside the largest factor.
+        Missing columns, an empty frame, non-numeric or out-of-range responses, infinite
+        values (named by column), missing, infinite or negative weights. Also grouping
+        factors with one level, or with one level per observation where that variance cannot
+        be identified, or too many effects outside the largest factor.
+    FormulaError
+        A formula, or an expression in it, that cannot be parsed.
     """
     spec = formula if isinstance(formula, FormulaSpec) else parse_formula(formula)
     if not isinstance(data, pd.DataFrame):
@@ -710,7 +719,8 @@ def build_design(
                 "missing value in a column the model uses"
             )
         w = None if w_all is None else w_all[complete]
-        frame = _model_frame(spec, family, df, w, off_all if off_all is None else off_all[complete])
+        off = None if off_all is None else off_all[complete]
+        frame = _model_frame(spec, family, df, w, off)
         nan_rows = frame.nan_rows()
         if not nan_rows.any():
             break
@@ -759,7 +769,7 @@ def build_design(
         for G_k in (len(f.labels) for f in others)
     )
     if others:
-        Zr = np.concatenate([f.Z / re_scale[f.name] for f in others], axis=1)
+        Zr = np.concatenate([_scaled(f.Z, re_scale[f.name]) for f in others], axis=1)
         rest, offset = [], 0
         for f, mask in zip(others, rest_levels, strict=True):
             q = f.Z.shape[1]
@@ -777,7 +787,7 @@ def build_design(
         trials=pad(trials, 1.0),
         weights=pad(prior_w),
         offset=pad(off),
-        Z=pad(first.Z / re_scale[first.name]),
+        Z=pad(_scaled(first.Z, re_scale[first.name])),
         group=group,
         level_mask=np.pad(np.ones(G), (0, G_pad - G)).astype(dtype),
         Zr=pad(Zr),
