@@ -114,8 +114,9 @@ def _warn_about_separation(design: Design, x: np.ndarray, converged: bool) -> No
     eta = X @ x[: design.p] + np.asarray(a.offset[:n])
     if not looks_separated(eta, converged):
         return
-    used = np.asarray(a.trials[:n]) > 0
-    d = separating_direction(X[used], np.asarray(a.y[:n])[used], np.asarray(a.trials[:n])[used])
+    y, trials = np.asarray(a.y[:n]), np.asarray(a.trials[:n])
+    used = trials > 0
+    d = separating_direction(X[used], y[used], trials[used])
     if d is None:
         return
     # The direction in the preconditioned basis, mapped to the user's coefficients.
