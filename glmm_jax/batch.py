@@ -159,9 +159,8 @@ def fit_batch_design(
     start : array, optional
         Every replicate's starting point in the compiled fit's parameters (a fit's
         ``_out.x``: ``refit_batch`` starts from the fitted model, as lme4's ``refit`` does).
-        The optimiser's stages are unchanged: Newton from such a start would cut a seed-model
-        refit from 3.3 to 2.5 ms, but on small designs it can stall (8 of 200 simulated fits
-        on 10 schools hit its 30 iterations), where L-BFGS first converges in all.
+        From a start the optimiser takes Newton steps at once, unless ``control`` sets
+        ``lbfgs_maxiter`` (see :class:`~glmm_jax.optimize.Control`).
 
     Returns
     -------
