@@ -359,10 +359,14 @@ def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerContr
             h, g, Hn = at(u + step[:, None] * delta)
             return step, h, g, Hn, k + 1, ~(h <= h0 + slack)
 
-        ones = jnp.ones_like(h0)
-        init = (2.0 * ones, h0, grad, H, 0, ones > 0)
-        step, h, grad, H, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
+        # A step below the tolerance is the last: it is taken without evaluating the
+        # objective after it (Newton's step there cannot fail to descend, and the modes are
+        # the iteration's result, not an input to another step). This saves one of the
+        # two or three passes over the data of a warm-started solve.
         done = jnp.max(jnp.abs(delta)) < control.tol
+        ones = jnp.ones_like(h0)
+        init = (jnp.where(done, 1.0, 2.0) * ones, h0, grad, H, 0, (ones > 0) & ~done)
+        step, h, grad, H, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
         return u + step[:, None] * delta, h, grad, H, it + 1, done
 
     state = (u0, *at(u0), jnp.int32(0), jnp.array(False))
@@ -419,11 +423,13 @@ def _solve_modes_blocked(x, arrays, u0, mask, family, structure, control: InnerC
             h, g, Fn = at(jax.tree_util.tree_map(lambda a, d: a + step * d, u, delta))
             return step, h, g, Fn, k + 1, ~(h <= h0 + slack)
 
-        init = (jnp.asarray(2.0, h0.dtype), h0, grad, F, 0, jnp.array(True))
+        # As with one factor: a step below the tolerance is taken without a trial.
+        size = jnp.maximum(jnp.max(jnp.abs(delta[0])), jnp.max(jnp.abs(delta[1])))
+        done = size < control.tol
+        init = (jnp.where(done, 1.0, 2.0).astype(h0.dtype), h0, grad, F, 0, ~done)
         step, h, grad, F, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
         u = jax.tree_util.tree_map(lambda a, d: a + step * d, u, delta)
-        size = jnp.maximum(jnp.max(jnp.abs(delta[0])), jnp.max(jnp.abs(delta[1])))
-        return u, h, grad, F, it + 1, size < control.tol
+        return u, h, grad, F, it + 1, done
 
     state = (u0, *at(u0), jnp.int32(0), jnp.array(False))
     u, _, _, _, it, done = jax.lax.while_loop(cond, body, state)
