@@ -8,8 +8,8 @@ returns only arrays, and never raises, so it can be ``jax.jit``-ed, ``jax.vmap``
 2. optax's L-BFGS direction with a backtracking line search, the inner modes warm-started from
    the last accepted point, until the deviance stops falling quickly.
 3. Newton steps (eigenvalues made positive, backtracking line search) in the same loop once
-   L-BFGS slows down, or from the start on large data: the exact Hessian on the first step and
-   near the optimum, BFGS updates in between.
+   L-BFGS slows down, or from the start on large data or from a given start: the exact
+   Hessian until one is positive definite and again near the optimum, BFGS updates in between.
 4. When a variance ends near zero (``theta`` below ``boundary_theta``), Newton runs again with
    that variance fixed at exactly zero, and the lower deviance wins: this is how a singular fit
    is found and flagged without chasing ``log(0)``.
@@ -275,8 +275,9 @@ def _minimize(
     differentiable (the Hessian is its forward derivative). ``u0`` must be the converged
     modes at ``x0``. One loop serves both phases, so the derivatives and the line search are
     traced once: optax's L-BFGS direction while the deviance falls fast, then Newton steps
-    (eigenvalues flipped and floored so every step descends) with the exact Hessian on the
-    first step and near the optimum, BFGS updates of it in between. Convergence is declared
+    (eigenvalues flipped and floored so every step descends) with the exact Hessian until one
+    is positive definite and again near the optimum, BFGS updates of it in between (from an
+    indefinite matrix they would keep its negative curvature). Convergence is declared
     only on a step that used the exact Hessian, so the returned Hessian is exact. Coordinates in
     ``watch`` are log standard deviations: if Newton drives one below ``log(singular_tol)``
     (where lme4 calls a fit singular) the loop stops with status ``_BOUNDARY``, leaving the
@@ -377,9 +378,9 @@ def _minimize(
             H=H,
             status=status,
             x_prev=x,
-            # BFGS updates keep a positive definite matrix so; from an indefinite one they kept
-            # its negative curvature, and Newton crawled (a 10-school seed design: 14 steps
-            # where the exact Hessian needed 2 once it was taken again).
+            # BFGS starts only from a positive definite exact Hessian: updates of an indefinite
+            # one keep its negative curvature, and Newton crawled (a 10-school seed design: 14
+            # steps where the exact Hessian needed 2 once it was taken again).
             have_H=state.have_H | (exact & (ev[0] > 0)),
             near=state.near | (newton & (decrement < control.exact_hessian_below)),
         )
@@ -422,6 +423,8 @@ def fit_arrays(
     x0 : array or None
         Starting ``(beta, phi)`` (``(beta, log dispersion, phi)`` for families with a
         dispersion); ``None`` starts from the GLM fit, Pearson's dispersion and ``theta = 1``.
+        From a given start the optimiser takes Newton steps at once (unless ``control`` sets
+        ``lbfgs_maxiter``).
     family, structure, control
         Static settings.
 
