@@ -16,7 +16,8 @@ import jax
 import pytest
 
 # A compilation cache of the session's own (as on CI's clean machine, nothing compiled by
-# other processes is read); the notebook and command-line subprocesses share it.
+# other processes is read); the notebook and command-line subprocesses share it, and so do
+# pytest-xdist's workers, which start after this runs and inherit the variable.
 # GLMM_JAX_CACHE_DIR, if set, still wins.
 if "GLMM_JAX_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="glmm_jax_test_cache_")
