@@ -288,6 +288,8 @@ def glmer(
     start : dict, optional
         ``{"fixef": ..., "theta": ...}`` starting values on lme4's scales, with
         ``"dispersion"`` (or the negative binomial's size) for the families that have one.
+        From a given start the optimiser takes Newton steps at once, rather than L-BFGS first
+        (``control.lbfgs_maxiter`` decides when set).
     dtype : {"float64", "float32"}
         Precision of the computation; float64 by default, without touching JAX's global flags.
 
