@@ -661,6 +661,19 @@ def _model_frame(spec: FormulaSpec, family: Family, df: pd.DataFrame, w, off_vec
     )
 
 
+def _present(column: pd.Series) -> np.ndarray:
+    """Whether each row of ``column`` has a value: from the values of plain numeric columns and
+    the codes of categorical ones (pandas' ``notna`` costs ~50 us a call, a tenth of a small
+    model's design), by pandas' own test for every other dtype (nullable, object, datetime)."""
+    dtype = column.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
+        values = column.to_numpy()
+        return ~np.isnan(values) if dtype.kind == "f" else np.ones(len(values), bool)
+    if isinstance(dtype, pd.CategoricalDtype):
+        return column.array.codes >= 0
+    return column.notna().to_numpy()
+
+
 def build_design(
     formula: str | FormulaSpec,
     data: pd.DataFrame,
@@ -704,7 +717,7 @@ def build_design(
 
     complete = np.ones(len(data), dtype=bool)
     for col in used:
-        complete &= data[col].notna().to_numpy()
+        complete &= _present(data[col])
     if off_all is not None:
         complete &= ~np.isnan(off_all)
     # An expression can make NaN from complete columns (log of a negative value): such rows are

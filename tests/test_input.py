@@ -165,6 +165,29 @@ def test_missing_values_drop_rows_with_a_count(exam, column, formula):
     assert list(d.index) == [i for i in exam.index if i not in (5, 17, 400)]
 
 
+@pytest.mark.parametrize(
+    "values, dtype",
+    [
+        ([1.0, np.nan, 3.0], "float64"),
+        ([1, 2, 3], "int64"),
+        ([True, False, True], "bool"),
+        (["a", None, "b"], "object"),
+        (["a", None, "b"], "category"),
+        (["a", None, "b"], "string"),
+        ([1, None, 3], "Int64"),
+        ([1.0, None, np.nan], "Float64"),
+        (["2020-01-01", None, "2020-01-03"], "datetime64[ns]"),
+    ],
+)
+def test_missing_values_are_found_in_every_column_dtype(values, dtype):
+    """The design's fast test for missing values (numeric values, categorical codes) agrees
+    with pandas' notna on every dtype a column can have."""
+    from glmm_jax.design import _present
+
+    column = pd.Series(values, dtype=dtype)
+    np.testing.assert_array_equal(_present(column), column.notna().to_numpy())
+
+
 def test_rows_an_expression_makes_nan_are_dropped(exam):
     # log of a negative value is NaN: R's model frame drops the row, and so do we.
     data = exam.assign(v=np.where(exam.index < 10, -1.0, 1.0 + exam.schavg**2))
