@@ -663,8 +663,9 @@ def _model_frame(spec: FormulaSpec, family: Family, df: pd.DataFrame, w, off_vec
 
 def _present(column: pd.Series) -> np.ndarray:
     """Whether each row of ``column`` has a value: from the values of plain numeric columns and
-    the codes of categorical ones (pandas' ``notna`` costs ~50 us a call, a tenth of a small
-    model's design), by pandas' own test for every other dtype (nullable, object, datetime)."""
+    the codes of categorical ones (pandas' ``notna`` on sleepstudy's three columns took ~80 us
+    of a 400 us design), by pandas' own test for every other dtype (nullable, object,
+    datetime)."""
     dtype = column.dtype
     if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
         values = column.to_numpy()
