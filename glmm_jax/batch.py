@@ -187,7 +187,6 @@ def fit_batch_design(
         chunk_size = (_gpu_chunk(design, devices[0]) if gpu else CPU_CHUNK) * len(devices)
     # A multiple of the workers, so that none idles while the last chunks run.
     n_chunks = workers * math.ceil(R / (workers * max(1, chunk_size)))
-    n_chunks = min(n_chunks, R)
     # Equal chunks (one compiled program per chunk shape), a multiple of 8 replicates and of
     # the device count, so that few shapes are ever compiled. The last chunk is padded with
     # fits that are thrown away: 200 replicates on two cores make two chunks of 104 (4%
