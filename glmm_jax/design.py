@@ -469,12 +469,11 @@ def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame) -> list[_Factor]:
             codes, labels = _factor_codes(df, rt.group)
             factors[name] = _Factor(name, rt.group, codes, labels, None, [], [])
         f = factors[name]
-        simple = NumericColumns.match(rt.expr, df)
         if rt.expr.strip() == "1":
             # The random intercept, by far the commonest term: no formulaic round trip.
             cols, Zt = ["(Intercept)"], np.ones((len(df), 1))
             f.specs.append(None)
-        elif simple is not None:
+        elif (simple := NumericColumns.match(rt.expr, df)) is not None:
             # Numeric columns such as (Days | Subject): the matrix in microseconds, where
             # formulaic takes a millisecond (most of a small lmer fit's time).
             cols, Zt = [_lme4_name(c) for c in simple.column_names], simple.matrix(df)
