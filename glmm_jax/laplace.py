@@ -291,8 +291,7 @@ def newton_step_size(x, arrays, u, mask, family, structure):
     u = jax.lax.stop_gradient(u)
     if _several(structure):
         _, grad, F = _inner_blocked(x, arrays, mask, family, structure)(u)
-        delta = _hessian_solve(F, grad, arrays, structure)
-        return jnp.maximum(jnp.max(jnp.abs(delta[0])), jnp.max(jnp.abs(delta[1])))
+        return _largest(_hessian_solve(F, grad, arrays, structure))
     _, grad, H = _inner_one(x, arrays, mask, family, structure)(u[0])
     return jnp.max(jnp.abs(chol_solve(chol(H), grad)))
 
@@ -374,6 +373,12 @@ def _solve_modes_one(x, arrays, u0, mask, family, structure, control: InnerContr
     return u, it, done
 
 
+def _largest(delta):
+    """The largest entry, in absolute value, of a step ``(delta_1, delta_r)`` for the modes of
+    several grouping factors (both parts non-empty)."""
+    return jnp.maximum(jnp.max(jnp.abs(delta[0])), jnp.max(jnp.abs(delta[1])))
+
+
 def _inner_blocked(x, arrays, mask, family, structure):
     """Several grouping factors: ``at(u) -> (h, grad, F)``, the inner objective, its gradient
     and the blocked Cholesky factor of its Newton Hessian at modes ``u = (u_1, u_r)``."""
@@ -424,8 +429,7 @@ def _solve_modes_blocked(x, arrays, u0, mask, family, structure, control: InnerC
             return step, h, g, Fn, k + 1, ~(h <= h0 + slack)
 
         # As with one factor: a step below the tolerance is taken without a trial.
-        size = jnp.maximum(jnp.max(jnp.abs(delta[0])), jnp.max(jnp.abs(delta[1])))
-        done = size < control.tol
+        done = _largest(delta) < control.tol
         init = (jnp.where(done, 1.0, 2.0).astype(h0.dtype), h0, grad, F, 0, ~done)
         step, h, grad, F, _, _ = jax.lax.while_loop(halve_cond, halve_body, init)
         u = jax.tree_util.tree_map(lambda a, d: a + step * d, u, delta)
