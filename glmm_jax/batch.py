@@ -534,7 +534,8 @@ def _variance_components(theta, structure, scale, sigma) -> pd.DataFrame:
             for a in range(offset, offset + term.q):
                 for b in range(a + 1, offset + term.q):
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        cor = Sigma[:, b, a] / (sd[:, a] * sd[:, b])
+                        # Clipped: a singular fit's correlation of exactly +-1 rounds past it.
+                        cor = np.clip(Sigma[:, b, a] / (sd[:, a] * sd[:, b]), -1.0, 1.0)
                     pair = f"{_lme4_name(names[a])}.{_lme4_name(names[b])}"
                     columns[f"cor__{pair}|{factor}"] = cor
             offset += term.q

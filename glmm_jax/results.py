@@ -289,7 +289,8 @@ class GLMMResult:
                 for j in range(q):
                     for i in range(j + 1, q):
                         ok = sds[i] > 0 and sds[j] > 0
-                        corr = S[i, j] / (sds[i] * sds[j]) if ok else np.nan
+                        # Clipped: a singular fit's correlation of exactly +-1 rounds past it.
+                        corr = float(np.clip(S[i, j] / (sds[i] * sds[j]), -1, 1)) if ok else np.nan
                         rows.append((grp, term.names[j], term.names[i], S[i, j], corr))
                 offset += q
         if self._dispersion_slots() and not self.family.size_in_trials:

@@ -15,6 +15,7 @@ sets chosen diagonal entries to exactly zero.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,7 @@ class Term:
         """Number of random effects per level."""
         return len(self.names)
 
-    @property
+    @functools.cached_property
     def n_theta(self) -> int:
         """Entries of the term's lower-triangular block."""
         return self.q * (self.q + 1) // 2
@@ -63,7 +64,10 @@ class ReStructure:
 
     terms: tuple[Term, ...]
 
-    @property
+    # Derived layouts are cached on the instance (a frozen dataclass has a __dict__, which
+    # functools.cached_property writes to directly): results read them several times per fit,
+    # ~10 us each time to rebuild. Equality and hashing use ``terms`` only.
+    @functools.cached_property
     def factors(self) -> tuple[str, ...]:
         """Distinct grouping factors in order of first appearance."""
         return tuple(dict.fromkeys(t.group for t in self.terms))
@@ -80,13 +84,17 @@ class ReStructure:
         """Column names of the factor's block, in block order."""
         return tuple(n for t in self.factor_terms(factor) for n in t.names)
 
-    @property
+    @functools.cached_property
     def n_theta(self) -> int:
         """Length of theta (and of phi)."""
         return sum(t.n_theta for t in self.terms)
 
     def theta_layout(self) -> list[tuple[int, int, int]]:
         """For each theta entry: ``(factor index, row, col)`` in the factor's ``Q x Q`` block."""
+        return list(self._layout)
+
+    @functools.cached_property
+    def _layout(self) -> tuple[tuple[int, int, int], ...]:
         offsets = dict.fromkeys(self.factors, 0)
         layout = []
         for term in self.terms:
@@ -96,12 +104,18 @@ class ReStructure:
                 for row in range(col, term.q):
                     layout.append((f, o + row, o + col))
             offsets[term.group] = o + term.q
-        return layout
+        return tuple(layout)
 
     @property
     def diagonal(self) -> np.ndarray:
-        """Boolean array over theta: True where the entry is on a block diagonal."""
-        return np.array([r == c for _, r, c in self.theta_layout()], dtype=bool)
+        """Boolean array over theta: True where the entry is on a block diagonal (read-only)."""
+        return self._diagonal
+
+    @functools.cached_property
+    def _diagonal(self) -> np.ndarray:
+        diagonal = np.array([r == c for _, r, c in self._layout], dtype=bool)
+        diagonal.flags.writeable = False
+        return diagonal
 
     def theta_from_phi(self, phi, mask=None):
         """lme4's ``theta`` from the unconstrained ``phi``; ``mask`` zeroes chosen diagonals.

@@ -82,23 +82,29 @@ def test_cross_products_give_the_pls_over_the_data(reml):
             np.testing.assert_allclose(ours.RX2, full.RX2, rtol=1e-10)
 
 
-def test_hessian_from_differences_of_gradients_matches_autodiff():
+def test_stencil_derivatives_match_autodiff():
+    """The gradient and Hessian from values on a stencil (value_gradient_hessian) agree with
+    autodiff's to the accuracy the optimiser needs, at lme4's start and at the optimum, and
+    with a variance held at zero (its row and column exactly zero)."""
     d = build_design(
         "Reaction ~ Days + (Days | Subject)", gj.datasets.load_sleepstudy(), gj.gaussian()
     )
     with jax.enable_x64(True):
         cp = cross_products(jax.tree_util.tree_map(jnp.asarray, d.arrays))
-        mask = jnp.ones(3)
+        for mask in [jnp.ones(3), jnp.array([1.0, 1.0, 0.0])]:
 
-        def f(phi):
-            return _criterion(pls_from_cross_products(phi, cp, mask, d.structure), d.p, True)
+            def f(phi, mask=mask):
+                return _criterion(pls_from_cross_products(phi, cp, mask, d.structure), d.p, True)
 
-        for phi in [jnp.array([0.0, 0.0, 0.0]), jnp.array([-0.03, 0.015, -1.47])]:
-            v, g, H = value_gradient_hessian(f, phi)
-            assert float(v) == pytest.approx(float(f(phi)), rel=1e-14)
-            np.testing.assert_allclose(g, jax.grad(f)(phi), rtol=1e-12)
-            exact = jax.hessian(f)(phi)
-            np.testing.assert_allclose(H, exact, atol=1e-6 * float(jnp.max(jnp.abs(exact))))
+            for phi in [jnp.array([0.0, 0.0, 0.0]), jnp.array([-0.03, 0.015, -1.47])]:
+                v, g, H = value_gradient_hessian(f, phi)
+                assert float(v) == float(f(phi))
+                exact_g, exact_H = jax.grad(f)(phi), jax.hessian(f)(phi)
+                np.testing.assert_allclose(g, exact_g, atol=1e-6)
+                scale = float(jnp.max(jnp.abs(exact_H)))
+                np.testing.assert_allclose(H, exact_H, atol=1e-4 * scale)
+                if mask[2] == 0.0:
+                    assert float(g[2]) == 0.0 and np.all(np.asarray(H[2]) == 0.0)
 
 
 def test_a_variance_heading_to_zero_reaches_the_boundary_in_few_steps():
