@@ -411,8 +411,9 @@ class LmmOutput(NamedTuple):
 
     ``x`` is ``(beta, phi)`` as for a GLMM, so results read both alike; ``grad`` is the
     gradient of the profiled criterion in ``phi`` (padded with zeros for ``beta``) and
-    ``hessian`` the approximation of its Hessian that the fit converged with (the average
-    information, :func:`average_information`); ``deviance`` is the ML deviance or the REML
+    ``hessian`` the Hessian that the fit converged with (with one grouping factor from the
+    stencil of :func:`value_gradient_hessian`, with several the average information,
+    :func:`average_information`); ``deviance`` is the ML deviance or the REML
     criterion; ``cov_unscaled`` is ``(R_X' R_X)^{-1}`` (the covariance of ``beta`` is
     ``sigma^2`` times it, conditional on ``theta``, as lme4's ``vcov``). The conditional
     variances are not here: they need the dense block's inverse, ~6% of an InstEval fit, so
@@ -443,7 +444,7 @@ def moment_start(arrays: ModelArrays, structure: ReStructure):
     is their spread less the mean noise, and ``sigma^2`` what the factors leave of the residual
     variance (:func:`_moment_phi`). Only a start: the optimiser refines it, but it saves the
     iterations of the walk from lme4's ``theta = 1``, which on InstEval cost half of the fit (a
-    weakly determined variance bounced between the step limits), and on sleepstudy two of five
+    weakly determined variance bounced between the step limits), and on sleepstudy two of six
     Newton steps.
     """
     w, X = arrays.weights, arrays.X
@@ -562,8 +563,9 @@ def fit_lmm_arrays(
     ``phi0`` starts the optimisation (``None``: :func:`moment_start`).
     The same optimiser and boundary stage as the GLMM fit run over ``phi`` alone, Newton from
     the start. With one grouping factor the criterion comes from :func:`cross_products`
-    computed once, and each Newton step takes its Hessian from differences of gradients
-    (:func:`value_gradient_hessian`); with several, each evaluation is a PLS solve over the
+    computed once, and every evaluation is a stencil of its values whose differences give the
+    gradient and Hessian (:func:`value_gradient_hessian`), carried from the line search's
+    accepted point to the next Newton step; with several, each evaluation is a PLS solve over the
     data (:func:`pls`), the gradient comes from :func:`envelope_deviance` and the Hessian is
     the average information.
     """

@@ -304,8 +304,8 @@ def _minimize(
     ``hessian(x, u*, g)``, if given, replaces the exact Hessian with a cheap approximation
     (lmer's average information, ``lmm.average_information``): it is computed on every Newton
     step and convergence is judged with it; it is then the returned Hessian. ``dev_and_grad``
-    may instead return ``(v, g, H)``, a Hessian computed with the gradient (lmer's from
-    cross-products, by differences of gradients), used the same way.
+    may instead return ``(v, g, H)``, a Hessian computed with the gradient (lmer's with one
+    grouping factor, from a stencil of values), used the same way.
 
     An accepted unit Newton step that takes a log standard deviation below
     ``log(boundary_theta)`` further down is doubled while the deviance keeps falling: there the
