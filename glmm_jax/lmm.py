@@ -195,14 +195,16 @@ def cross_products(arrays: ModelArrays) -> CrossProducts:
     stacked = jnp.concatenate(
         [
             (Zw[:, :, None] * Z[:, None, :]).reshape(-1, q * q),
-            (Zw[:, :, None] * X[:, None, :]).reshape(-1, q * p),
+            # (n, 0) without fixed effects: an explicit row count, as -1 cannot be inferred.
+            (Zw[:, :, None] * X[:, None, :]).reshape(Z.shape[0], q * p),
             Zw * e[:, None],
         ],
         axis=1,
     )
     sums = _segsum(stacked, arrays)
-    S = sums[:, : q * q].reshape(-1, q, q)
-    ZX = sums[:, q * q : q * q + q * p].reshape(-1, q, p)
+    G = sums.shape[0]
+    S = sums[:, : q * q].reshape(G, q, q)
+    ZX = sums[:, q * q : q * q + q * p].reshape(G, q, p)
     used = w > 0
     n = jnp.sum(used).astype(y.dtype)
     log_weights = jnp.sum(jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0))
