@@ -552,6 +552,12 @@ def _moment_phi(level_sums, s2, n, structure: ReStructure):
     return jnp.concatenate(phi).astype(dtype)
 
 
+#: The largest ``theta`` fitted from cross-products with stencil derivatives: the stencil has
+#: ``k^2 + k + 1`` points (111 for a 4 x 4 block), each a pass over the levels; larger blocks
+#: take the PLS path with the average information, whose cost does not grow with ``k^2``.
+STENCIL_MAX_THETA = 10
+
+
 def fit_lmm_arrays(
     arrays: ModelArrays,
     phi0: jnp.ndarray | None,
@@ -564,12 +570,13 @@ def fit_lmm_arrays(
 
     ``phi0`` starts the optimisation (``None``: :func:`moment_start`).
     The same optimiser and boundary stage as the GLMM fit run over ``phi`` alone, Newton from
-    the start. With one grouping factor the criterion comes from :func:`cross_products`
-    computed once, and every evaluation is a stencil of its values whose differences give the
-    gradient and Hessian (:func:`value_gradient_hessian`), carried from the line search's
-    accepted point to the next Newton step; with several, each evaluation is a PLS solve over the
-    data (:func:`pls`), the gradient comes from :func:`envelope_deviance` and the Hessian is
-    the average information.
+    the start. With one grouping factor (and at most :data:`STENCIL_MAX_THETA` entries in
+    ``theta``) the criterion comes from :func:`cross_products` computed once, and every
+    evaluation is a stencil of its values whose differences give the gradient and Hessian
+    (:func:`value_gradient_hessian`), carried from the line search's accepted point to the
+    next Newton step; otherwise each evaluation is a PLS solve over the data (:func:`pls`),
+    the gradient comes from :func:`envelope_deviance` and the Hessian is the average
+    information.
     """
     control = Control() if control is None else control
     if control.lbfgs_maxiter is None:
@@ -580,7 +587,7 @@ def fit_lmm_arrays(
     dtype = arrays.X.dtype
     rows = arrays.X.shape[0]
 
-    if not _several(structure):
+    if not _several(structure) and structure.n_theta <= STENCIL_MAX_THETA:
         cp = cross_products(arrays)
         if phi0 is None:
             # moment_start's sums are the cross-products' (no second pass over the data).
