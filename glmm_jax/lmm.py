@@ -191,26 +191,32 @@ def cross_products(arrays: ModelArrays) -> CrossProducts:
     XX = X.T @ (w[:, None] * X)
     beta_ls = _spd_solve(XX, X.T @ (w * y))
     e = y - X @ beta_ls
-    Zw = w[:, None] * Z
-    stacked = jnp.concatenate(
-        [
-            (Zw[:, :, None] * Z[:, None, :]).reshape(-1, q * q),
-            # (n, 0) without fixed effects: an explicit row count, as -1 cannot be inferred.
-            (Zw[:, :, None] * X[:, None, :]).reshape(Z.shape[0], q * p),
-            Zw * e[:, None],
-        ],
-        axis=1,
-    )
-    sums = _segsum(stacked, arrays)
-    G = sums.shape[0]
-    S = sums[:, : q * q].reshape(G, q, q)
-    ZX = sums[:, q * q : q * q + q * p].reshape(G, q, p)
+    G = arrays.level_mask.shape[0]
+    sums = _level_products(Z, jnp.concatenate([Z, X, e[:, None]], 1), w, arrays.group, G, True)
     used = w > 0
     n = jnp.sum(used).astype(y.dtype)
     log_weights = jnp.sum(jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0))
     return CrossProducts(
-        S, ZX, sums[:, q * q + q * p :], XX, jnp.sum(w * e**2), beta_ls, n, log_weights
+        sums[:, :, :q],
+        sums[:, :, q : q + p],
+        sums[:, :, -1],
+        XX,
+        jnp.sum(w * e**2),
+        beta_ls,
+        n,
+        log_weights,
     )
+
+
+def _level_products(Z, V, w, index, G: int, sorted_index: bool = False):
+    """``Z_g' W V_g`` of every level ``g`` of ``index``: ``(G, Q, m)`` for ``Z`` ``(n, Q)`` and
+    ``V`` ``(n, m)``, in one segment sum."""
+    n, q, m = Z.shape[0], Z.shape[1], V.shape[1]
+    # An explicit row count: with no fixed effects a block of V can be empty, and -1 cannot
+    # be inferred from an empty array.
+    rows = ((w[:, None] * Z)[:, :, None] * V[:, None, :]).reshape(n, q * m)
+    sums = jax.ops.segment_sum(rows, index, num_segments=G, indices_are_sorted=sorted_index)
+    return sums.reshape(G, q, m)
 
 
 def _spd_solve(A, b):
@@ -456,35 +462,22 @@ def moment_start(arrays: ModelArrays, structure: ReStructure):
     e = y - X @ beta
     n = jnp.sum(w > 0)
     shapes = rest_shapes(arrays, structure)
-    level_sums = [_level_sums(arrays.Z, e, w, arrays.group, arrays.level_mask.shape[0])]
+    level_sums = [_moment_sums(arrays.Z, e, w, arrays.group, arrays.level_mask.shape[0])]
     col = 0
     for k, (G_k, q_k) in enumerate(shapes):
         # Position in u_r -> level of factor k + 1 (its block's effects are consecutive).
         start = sum(G * q for G, q in shapes[:k])
         index = (arrays.coupling.rest[:, col] - start) // q_k
-        level_sums.append(_level_sums(arrays.Zr[:, col : col + q_k], e, w, index, G_k))
+        level_sums.append(_moment_sums(arrays.Zr[:, col : col + q_k], e, w, index, G_k))
         col += q_k
     s2 = jnp.sum(w * e**2) / jnp.maximum(n - X.shape[1], 1)
     return _moment_phi(level_sums, s2, n.astype(X.dtype), structure)
 
 
-def _level_sums(Z, e, w, index, G: int):
+def _moment_sums(Z, e, w, index, G: int):
     """``(Z_g' W Z_g, Z_g' W e_g)`` of every level: ``(G, Q, Q)`` and ``(G, Q)``."""
-    q = Z.shape[1]
-    Zw = w[:, None] * Z
-    stacked = jnp.concatenate(
-        [(Zw[:, :, None] * Z[:, None, :]).reshape(-1, q * q), Zw * e[:, None]], 1
-    )
-    sums = jax.ops.segment_sum(stacked, index, num_segments=G)
-    return sums[:, : q * q].reshape(G, q, q), sums[:, q * q :]
-
-
-def _term_columns(structure: ReStructure):
-    """``(term, factor index, first column in the factor's block)`` for every term."""
-    offsets = dict.fromkeys(structure.factors, 0)
-    for term in structure.terms:
-        yield term, structure.factors.index(term.group), offsets[term.group]
-        offsets[term.group] += term.q
+    sums = _level_products(Z, jnp.concatenate([Z, e[:, None]], 1), w, index, G)
+    return sums[:, :, :-1], sums[:, :, -1]
 
 
 def _moment_phi(level_sums, s2, n, structure: ReStructure):
@@ -535,7 +528,7 @@ def _moment_phi(level_sums, s2, n, structure: ReStructure):
         sigma2 = jnp.maximum(s2 - explained, 0.05 * s2)
     covs = [V - sigma2 * N for V, N in zip(spreads, noises, strict=True)]
     phi = []
-    for term, f, col in _term_columns(structure):
+    for term, f, col in structure.term_columns:
         # theta = chol(Sigma_b / sigma^2) of the term's block, not at a boundary (the boundary
         # stage decides those) and not absurdly large.
         block = covs[f][col : col + term.q, col : col + term.q]

@@ -94,25 +94,27 @@ class ReStructure:
         return list(self._layout)
 
     @functools.cached_property
-    def _layout(self) -> tuple[tuple[int, int, int], ...]:
+    def term_columns(self) -> tuple[tuple[Term, int, int], ...]:
+        """``(term, factor index, first column in the factor's block)`` for every term."""
         offsets = dict.fromkeys(self.factors, 0)
-        layout = []
+        out = []
         for term in self.terms:
-            f = self.factors.index(term.group)
-            o = offsets[term.group]
-            for col in range(term.q):
-                for row in range(col, term.q):
-                    layout.append((f, o + row, o + col))
-            offsets[term.group] = o + term.q
-        return tuple(layout)
-
-    @property
-    def diagonal(self) -> np.ndarray:
-        """Boolean array over theta: True where the entry is on a block diagonal (read-only)."""
-        return self._diagonal
+            out.append((term, self.factors.index(term.group), offsets[term.group]))
+            offsets[term.group] += term.q
+        return tuple(out)
 
     @functools.cached_property
-    def _diagonal(self) -> np.ndarray:
+    def _layout(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(
+            (f, o + row, o + col)
+            for term, f, o in self.term_columns
+            for col in range(term.q)
+            for row in range(col, term.q)
+        )
+
+    @functools.cached_property
+    def diagonal(self) -> np.ndarray:
+        """Boolean array over theta: True where the entry is on a block diagonal (read-only)."""
         diagonal = np.array([r == c for _, r, c in self._layout], dtype=bool)
         diagonal.flags.writeable = False
         return diagonal
