@@ -424,7 +424,7 @@ class BatchResult:
         deviance = np.where(failed, np.nan, np.asarray(out.deviance, dtype=float))
         if self.reml:
             # The fit's REML criterion is that of the preconditioned X M; lme4's is of X.
-            deviance = deviance - 2.0 * float(np.linalg.slogdet(d.M)[1])
+            deviance = deviance - 2.0 * d.logdet_M
         self.deviance = deviance
         self.loglik = -0.5 * deviance
         if lmm:

@@ -35,6 +35,7 @@ class DataError(ValueError):
     """The data cannot be used with the model; the message names the column or problem."""
 
 
+@functools.lru_cache(maxsize=1024)
 def bucket(n: int, minimum: int = 16) -> int:
     """Smallest size ``>= n`` of the form ``2^k * {1, 1.25, 1.5, 1.75}`` (at most 25% padding)."""
     size = minimum
@@ -52,6 +53,36 @@ def rest_bucket(levels: int) -> int:
     cube of its size, so the 25% steps of ``bucket`` would cost up to twice the time (InstEval's
     1,128 instructors: 1,152 rather than 1,280, and its Cholesky and inverse 27% cheaper)."""
     return bucket(levels, 16) if levels <= 512 else -(-levels // 64) * 64
+
+
+class _Columns:
+    """A DataFrame whose columns are each read once.
+
+    pandas 3 builds a new Series on every ``df[name]`` (~5 us), and a design reads each
+    column several times (missing values, dtype, values): on sleepstudy nine reads for three
+    columns. Offers what the design's readers use: ``[name]``, ``columns``, ``len``, ``index``;
+    formulaic gets the frame itself (:func:`_frame_of`).
+    """
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+        self.columns = frame.columns
+        self.index = frame.index
+        self._read: dict = {}
+
+    def __getitem__(self, name) -> pd.Series:
+        column = self._read.get(name)
+        if column is None:
+            column = self._read[name] = self.frame[name]
+        return column
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _frame_of(data) -> pd.DataFrame:
+    """The DataFrame behind ``data`` (a :class:`_Columns` or a DataFrame), for formulaic."""
+    return data.frame if isinstance(data, _Columns) else data
 
 
 def _lme4_name(name: str) -> str:
@@ -99,7 +130,7 @@ def _evaluate(expr: str, data: pd.DataFrame, what: str) -> np.ndarray:
         return _numeric_or_refuse(data[name], what, expr)
     try:
         with np.errstate(all="ignore"):  # log(0), 1/0: non-finite values are reported below
-            mm = formulaic.model_matrix(f"0 + I({expr})", data, na_action="ignore")
+            mm = formulaic.model_matrix(f"0 + I({expr})", _frame_of(data), na_action="ignore")
     except Exception as exc:
         raise DataError(f"cannot evaluate {what} {expr!r}: {exc}") from None
     if mm.shape[1] != 1:
@@ -126,7 +157,7 @@ def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarra
         cats.append(c)
     if len(cats) == 1:
         codes = np.asarray(cats[0].codes, dtype=np.int64)
-        labels = pd.Index(cats[0].categories, name=group[0])
+        labels = cats[0].categories.rename(group[0])
     else:
         # Interaction a:b: codes in the order of (a, b), labels "a:b" as lme4 writes them.
         combined = np.zeros(len(data), dtype=np.int64)
@@ -206,6 +237,12 @@ class Design:
         return len(self.fixef_names)
 
     @functools.cached_property
+    def logdet_M(self) -> float:
+        """``log |det M|``: ``M`` is triangular (the inverse of a QR factor, see
+        :func:`_preconditioner`), so the sum of the logs of its diagonal."""
+        return float(np.sum(np.log(np.abs(np.diagonal(self.M)))))
+
+    @functools.cached_property
     def theta_scale(self) -> np.ndarray:
         """lme4's ``theta`` is the fit's ``theta`` times this (see :func:`re_column_scale`).
 
@@ -278,6 +315,8 @@ class NumericColumns:
             if not c.isidentifier() or c not in data.columns:
                 return None
             dtype = data[c].dtype
+            if isinstance(dtype, np.dtype) and dtype.kind in "iuf":
+                continue  # plain numeric: pandas' dtype tests below take ~7 us each
             if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
                 return None
         if len(set(columns)) != len(columns):
@@ -291,7 +330,7 @@ def _fixed_matrix(spec: FormulaSpec, data: pd.DataFrame):
         names = [_lme4_name(c) for c in simple.column_names]
         return simple.matrix(data), names, simple
     with np.errstate(all="ignore"):  # log(0), 1/0: non-finite values are reported later
-        mm = formulaic.model_matrix(spec.fixed, data, na_action="ignore")
+        mm = formulaic.model_matrix(spec.fixed, _frame_of(data), na_action="ignore")
     names = [_lme4_name(c) for c in mm.columns]
     return np.asarray(mm, dtype=float), names, mm.model_spec
 
@@ -480,7 +519,7 @@ def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame) -> list[_Factor]:
             f.specs.append(simple)
         else:
             with np.errstate(all="ignore"):  # non-finite values are reported by the caller
-                mm = formulaic.model_matrix(rt.expr, df, na_action="ignore")
+                mm = formulaic.model_matrix(rt.expr, _frame_of(df), na_action="ignore")
             cols = [_lme4_name(c) for c in mm.columns]
             f.specs.append(mm.model_spec)
             Zt = np.asarray(mm, dtype=float)
@@ -572,6 +611,13 @@ def _coupling(group: np.ndarray, rest: np.ndarray, n_pad: int, G_pad: int, q: in
         pp_level=fill(pair_level[left], M_pad, G_pad - 1),
         pp_flat=fill(pair_rest[left] * R + pair_rest[right], M_pad, 0),
     )
+
+
+def _level_mask(levels: int, padded: int, dtype) -> np.ndarray:
+    """1 for each of ``levels`` levels, 0 for the padding up to ``padded``."""
+    mask = np.zeros(padded, dtype=dtype)
+    mask[:levels] = 1.0
+    return mask
 
 
 def re_column_scale(Z: np.ndarray) -> np.ndarray:
@@ -715,9 +761,10 @@ def build_design(
     if w_all is not None:
         _check_weights(w_all)
 
+    columns = _Columns(data)
     complete = np.ones(len(data), dtype=bool)
     for col in used:
-        complete &= _present(data[col])
+        complete &= _present(columns[col])
     if off_all is not None:
         complete &= ~np.isnan(off_all)
     # An expression can make NaN from complete columns (log of a negative value): such rows are
@@ -725,7 +772,7 @@ def build_design(
     # round drops at least one row.
     while True:
         # Read-only from here on: the full frame when nothing was dropped (no copy).
-        df = data if complete.all() else data.loc[complete, used]
+        df = columns if complete.all() else _Columns(data.loc[complete, used])
         if len(df) == 0:
             raise DataError(
                 f"no complete rows left to fit the model: each of the {len(data)} rows has a "
@@ -775,11 +822,12 @@ def build_design(
         np.take(a.astype(dtype, copy=False), order, axis=0, out=out[:n])
         return out
 
-    group = np.pad(first.codes[order].astype(np.int32), (0, n_pad - n), constant_values=G - 1)
+    # Filled arrays rather than np.pad, which costs ~8 us a call on small arrays.
+    group = np.full(n_pad, G - 1, dtype=np.int32)
+    np.take(first.codes, order, out=group[:n], mode="clip")
     others = factors[1:]
     rest_levels = tuple(
-        np.pad(np.ones(G_k), (0, rest_bucket(G_k) - G_k)).astype(dtype)
-        for G_k in (len(f.labels) for f in others)
+        _level_mask(len(f.labels), rest_bucket(len(f.labels)), dtype) for f in others
     )
     if others:
         Zr = np.concatenate([_scaled(f.Z, re_scale[f.name]) for f in others], axis=1)
@@ -802,7 +850,7 @@ def build_design(
         offset=pad(off),
         Z=pad(_scaled(first.Z, re_scale[first.name])),
         group=group,
-        level_mask=np.pad(np.ones(G), (0, G_pad - G)).astype(dtype),
+        level_mask=_level_mask(G, G_pad, dtype),
         Zr=pad(Zr),
         rest_levels=rest_levels,
         coupling=coupling,

@@ -93,6 +93,11 @@ def _left_table(df: pd.DataFrame) -> str:
     )
 
 
+def _to_numpy(out):
+    """The fit's outputs as numpy arrays (a no-op on outputs already converted)."""
+    return jax.tree_util.tree_map(np.asarray, out)
+
+
 class GLMMResult:
     """A fitted generalized linear mixed model (lme4's ``glmerMod``).
 
@@ -130,7 +135,7 @@ class GLMMResult:
     def __init__(
         self, design: Design, out: FitOutput, seconds: float, control, data_name: str = "data"
     ):
-        out = jax.tree_util.tree_map(np.asarray, out)
+        out = _to_numpy(out)
         self._design = design
         self._out = out
         self._control = control
@@ -678,12 +683,15 @@ class LMMResult(GLMMResult):
 
     def __init__(self, design: Design, out, seconds: float, control, reml: bool):
         self.reml = reml
+        # One transfer of the outputs to numpy, before anything reads them (a float() of a
+        # device array is a transfer of its own, ~50 us on a small fit).
+        out = _to_numpy(out)
         self._sigma = float(out.sigma)
         super().__init__(design, out, seconds, control)
         self.dispersion = self._sigma**2
         if reml:
             # The fit's REML criterion is that of the preconditioned X M; lme4's is of X.
-            self.deviance -= 2.0 * float(np.linalg.slogdet(design.M)[1])
+            self.deviance -= 2.0 * design.logdet_M
             self.loglik = -0.5 * self.deviance
         self.df = design.p + design.structure.n_theta + 1
         self.aic = self.deviance + 2 * self.df

@@ -133,6 +133,17 @@ def test_bucket_sizes():
         assert n <= b <= max(16, 1.25 * n + 1)
 
 
+@pytest.mark.parametrize(
+    "formula",
+    ["normexam ~ standLRT + schavg + sex + (1 | school)", "normexam ~ 0 + standLRT + (1 | school)"],
+)
+def test_logdet_of_preconditioner(exam, formula):
+    """``Design.logdet_M`` (from the triangular ``M``'s diagonal) is ``log |det M|``."""
+    d = build_design(formula, exam, gj.gaussian())
+    assert np.allclose(d.M, np.triu(d.M))
+    assert d.logdet_M == pytest.approx(np.linalg.slogdet(d.M)[1], rel=1e-12, abs=1e-12)
+
+
 def test_padding_changes_nothing(exam):
     """Padded rows and levels carry zero weight: the deviance equals the unpadded one."""
     d = _design("success ~ schavg + (1 | school)", exam)
