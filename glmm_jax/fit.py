@@ -22,7 +22,7 @@ from ._config import precision, resolve_dtype
 from .design import Design, build_design
 from .families import Binomial, Family, Gaussian, gaussian, get_family
 from .formula import FormulaSpec
-from .lmm import fit_lmm_arrays
+from .lmm import fit_lmm_arrays, lmm_inputs
 from .optimize import Control, fit_arrays
 from .results import ConvergenceWarning, GLMMResult, LMMResult, SingularFitWarning
 from .separation import SeparationWarning, looks_separated, separating_direction
@@ -176,7 +176,8 @@ def fit_lmm_design(
     phi0 = None if start is None else _start_phi(design, start).astype(design.arrays.X.dtype)
     t0 = time.perf_counter()
     with precision():
-        out = compiled_lmm(design.arrays, phi0, structure=structure, reml=reml, control=control)
+        arrays = lmm_inputs(design.arrays, structure)
+        out = compiled_lmm(arrays, phi0, structure=structure, reml=reml, control=control)
         out = jax.block_until_ready(out)
     result = LMMResult(design, out, time.perf_counter() - t0, control, reml)
     _warn_about(result)
