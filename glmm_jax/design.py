@@ -116,6 +116,9 @@ def _numeric_or_refuse(col: pd.Series, what: str, expr: str) -> np.ndarray:
     R's model frame does the same for a numeric role.
     """
     dtype = col.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
+        # Plain numpy numbers: pandas' dtype tests below cost ~7 us each.
+        return col.to_numpy(dtype=float)
     if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)) or (
         isinstance(dtype, pd.CategoricalDtype)
     ):
@@ -680,13 +683,15 @@ class _ModelFrame:
         """Rows where an evaluated value is NaN (an expression of complete columns)."""
         bad = np.zeros(len(self.y), dtype=bool)
         for _, values in self._parts():
-            bad |= np.isnan(values)
+            # A finite sum has no NaN (or Inf) to find: one reduction instead of two passes.
+            if not np.isfinite(np.sum(values)):
+                bad |= np.isnan(values)
         return bad
 
     def check_finite(self) -> None:
         """Refuse infinite values, naming where they are (R: NA/NaN/Inf in 'x')."""
         for what, values in self._parts():
-            if np.any(np.isinf(values)):
+            if not np.isfinite(np.sum(values)) and np.any(np.isinf(values)):
                 raise DataError(
                     f"{what} has {_values(np.isinf(values), 'infinite')} (Inf or -Inf, from "
                     "the data or an expression such as log(0)); remove those rows or "
