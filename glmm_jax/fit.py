@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 import warnings
 
-import jax
 import numpy as np
 import pandas as pd
 
 from ._config import precision, resolve_dtype
+from ._flat import FlatJit
 from .design import Design, build_design
 from .families import Binomial, Family, Gaussian, gaussian, get_family
 from .formula import FormulaSpec
@@ -37,12 +37,21 @@ __all__ = [
     "compiled_lmm",
 ]
 
+
+def _fit_dtype(arrays, *_):
+    return arrays.X.dtype
+
+
+# The compiled cores, called with their output as one flat array (``_flat.FlatJit``): a small
+# fit's dozen output buffers cost more than its last Newton step.
+_flat_fit = FlatJit(fit_arrays, ("family", "structure", "control"), _fit_dtype)
+_flat_lmm = FlatJit(fit_lmm_arrays, ("structure", "reml", "control"), _fit_dtype)
 #: The compiled core. Family, structure and control are static: one program per model
 #: structure and bucketed shape, reused across datasets (and across processes via the
 #: persistent compilation cache).
-compiled_fit = jax.jit(fit_arrays, static_argnames=("family", "structure", "control"))
+compiled_fit = _flat_fit.plain
 #: The compiled core of ``lmer``, likewise.
-compiled_lmm = jax.jit(fit_lmm_arrays, static_argnames=("structure", "reml", "control"))
+compiled_lmm = _flat_lmm.plain
 
 
 def fit_design(design: Design, control: Control | None = None, start=None) -> GLMMResult:
@@ -69,10 +78,9 @@ def fit_design(design: Design, control: Control | None = None, start=None) -> GL
         # numpy arrays go straight in: jit's C++ dispatch transfers them all at once, where a
         # jnp.asarray per leaf costs ~65 us each (1 ms of the seed model's 10).
         x0 = None if start is None else np.asarray(_start_vector(design, start), dtype)
-        out = compiled_fit(
+        out = _flat_fit(
             design.arrays, x0, family=design.family, structure=design.structure, control=control
         )
-        out = jax.block_until_ready(out)
     result = GLMMResult(design, out, time.perf_counter() - t0, control)
     _warn_about(result)
     if isinstance(design.family, Binomial):
@@ -177,8 +185,7 @@ def fit_lmm_design(
     t0 = time.perf_counter()
     with precision():
         arrays = lmm_inputs(design.arrays, structure)
-        out = compiled_lmm(arrays, phi0, structure=structure, reml=reml, control=control)
-        out = jax.block_until_ready(out)
+        out = _flat_lmm(arrays, phi0, structure=structure, reml=reml, control=control)
     result = LMMResult(design, out, time.perf_counter() - t0, control, reml)
     _warn_about(result)
     return result

@@ -11,7 +11,7 @@ from conftest import batch_fits
 
 import glmm_jax as gj
 from glmm_jax.design import bucket, build_design
-from glmm_jax.fit import compiled_fit
+from glmm_jax.fit import _flat_fit
 from glmm_jax.laplace import laplace_deviance, solve_modes, zero_modes
 from glmm_jax.optimize import Control
 
@@ -99,9 +99,9 @@ def test_second_dataset_of_same_structure_does_not_recompile(exam):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        size_before = compiled_fit._cache_size()
+        size_before = _flat_fit.cache_size()
         m = gj.glmer(formula, other)
-        assert compiled_fit._cache_size() == size_before
+        assert _flat_fit.cache_size() == size_before
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
@@ -245,3 +245,30 @@ def test_adjoint_gradient_equals_autodiff(exam, formula, family, link):
             np.testing.assert_allclose(g, jax.jit(jax.grad(auto))(x), rtol=1e-8, atol=1e-8)
             H = jax.jit(jax.jacfwd(lambda xx, adjoint=adjoint: adjoint(xx)[1]))(x)
             np.testing.assert_allclose(H, jax.jit(jax.hessian(auto))(x), rtol=1e-7, atol=1e-7)
+
+
+def test_flat_output_call_equals_plain_jit(exam):
+    """``FlatJit`` gives back the plain program's PyTree: same structure, dtypes and values
+    (integer counters included), also when its recorded layout is missing (fallback)."""
+    from glmm_jax._config import precision
+    from glmm_jax.fit import _flat_fit
+
+    d = _design("success ~ schavg + (1 | school)", exam)
+    static = {"family": d.family, "structure": d.structure, "control": Control()}
+    with precision():
+        flat = _flat_fit(d.arrays, None, **static)
+        plain = jax.tree_util.tree_map(np.asarray, _flat_fit.plain(d.arrays, None, **static))
+        saved = dict(_flat_fit._layouts)
+        _flat_fit._layouts.clear()
+        try:
+            fallback = _flat_fit(d.arrays, None, **static)
+        finally:
+            _flat_fit._layouts.update(saved)
+    for got in (flat, fallback):
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(plain)
+        leaves = zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(plain), strict=True)
+        for a, b in leaves:
+            assert isinstance(a, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+            # Two programs: XLA may fuse them differently, so floats to rounding only.
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert int(flat.newton_iterations) > 0 and flat.status.dtype.kind == "i"
