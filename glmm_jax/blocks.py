@@ -12,7 +12,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-__all__ = ["chol", "tri_solve", "tri_solve_t", "chol_solve", "chol_logdet", "chol_inverse"]
+__all__ = [
+    "chol",
+    "tri_solve",
+    "tri_solve_t",
+    "chol_solve",
+    "chol_logdet",
+    "chol_inverse",
+    "small_einsum",
+]
 
 _UNROLL_MAX = 6
 
@@ -74,3 +82,37 @@ def chol_inverse(L: jnp.ndarray) -> jnp.ndarray:
     q = L.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(q, dtype=L.dtype), L.shape)
     return jnp.stack([chol_solve(L, eye[:, :, j]) for j in range(q)], -1)
+
+
+#: Largest broadcast product (elements, per call) that :func:`small_einsum` forms.
+SMALL_EINSUM_MAX = 2**14
+
+
+def small_einsum(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """``jnp.einsum(subscripts, a, b)`` as a broadcast product and a sum, when that product
+    has at most :data:`SMALL_EINSUM_MAX` elements (else ``jnp.einsum``).
+
+    XLA compiles a contraction to a matrix-product kernel (on CPU a library call, with the
+    transposes around it as kernels of their own) however small it is; a product and a sum
+    fuse with their neighbours into one loop. On the per-level ``2 x 2`` blocks of a
+    cross-product criterion that is ~10 kernels fewer per evaluation (sleepstudy's fit: ~30
+    us of ~190). Two operands, each index at most once per operand, no ellipsis.
+    """
+    inputs, output = subscripts.replace(" ", "").split("->")
+    sa, sb = inputs.split(",")
+    sizes = {**dict(zip(sa, a.shape, strict=True)), **dict(zip(sb, b.shape, strict=True))}
+    letters = output + "".join(dict.fromkeys(c for c in sa + sb if c not in output))
+    total = 1
+    for c in letters:
+        total *= sizes[c]
+    if total > SMALL_EINSUM_MAX:
+        return jnp.einsum(subscripts, a, b)
+
+    def expand(x, s):
+        # x's axes in the order of ``letters``, with singleton axes for the letters it lacks.
+        present = [c for c in letters if c in s]
+        x = jnp.transpose(x, [s.index(c) for c in present])
+        return x.reshape([sizes[c] if c in s else 1 for c in letters])
+
+    product = expand(a, sa) * expand(b, sb)
+    return jnp.sum(product, axis=tuple(range(len(output), len(letters))))

@@ -35,7 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from .blocked import spd_inverse, spd_logdet
-from .blocks import chol, chol_inverse, chol_logdet, chol_solve, tri_solve, tri_solve_t
+from .blocks import (
+    chol,
+    chol_inverse,
+    chol_logdet,
+    chol_solve,
+    small_einsum,
+    tri_solve,
+    tri_solve_t,
+)
 from .laplace import (
     ModelArrays,
     _hessian_factor,
@@ -190,9 +198,9 @@ def cross_products(arrays: ModelArrays) -> CrossProducts:
     w, X, Z = arrays.weights, arrays.X, arrays.Z
     p, q = X.shape[1], Z.shape[1]
     y = arrays.y - arrays.offset
-    XX = X.T @ (w[:, None] * X)
-    beta_ls = _spd_solve(XX, X.T @ (w * y))
-    e = y - X @ beta_ls
+    XX = small_einsum("np,nk->pk", X, w[:, None] * X)
+    beta_ls = _spd_solve(XX, small_einsum("np,n->p", X, w * y))
+    e = y - small_einsum("np,p->n", X, beta_ls)
     G = arrays.level_mask.shape[0]
     sums = _level_products(Z, jnp.concatenate([Z, X, e[:, None]], 1), w, arrays.group, G, True)
     used = w > 0
@@ -242,15 +250,16 @@ def pls_from_cross_products(phi, cp: CrossProducts, mask, structure: ReStructure
     """
     T, _ = lambda_factors(phi, structure, mask)
     q, p = cp.ZX.shape[1], cp.ZX.shape[2]
-    L = chol(jnp.einsum("ji,gjk,kl->gil", T, cp.S, T) + jnp.eye(q, dtype=T.dtype))
-    c = tri_solve(L, cp.Ze @ T)
+    TST = small_einsum("ji,gjl->gil", T, small_einsum("gjk,kl->gjl", cp.S, T))
+    L = chol(TST + jnp.eye(q, dtype=T.dtype))
+    c = tri_solve(L, small_einsum("gj,jl->gl", cp.Ze, T))
     # (G, p, Q): one triangular solve per fixed-effect column.
-    C = tri_solve(L[:, None], jnp.einsum("gjp,jl->gpl", cp.ZX, T))
-    RX2 = cp.XX - jnp.einsum("gpq,gkq->pk", C, C)
-    r = -jnp.einsum("gpq,gq->p", C, c)
+    C = tri_solve(L[:, None], small_einsum("gjp,jl->gpl", cp.ZX, T))
+    RX2 = cp.XX - small_einsum("gpq,gkq->pk", C, C)
+    r = -small_einsum("gpq,gq->p", C, c)
     delta = _spd_solve(RX2, r)
     pwrss = cp.ee - jnp.sum(c**2) - jnp.dot(r, delta)
-    u1 = tri_solve_t(L, c - jnp.einsum("gpq,p->gq", C, delta))
+    u1 = tri_solve_t(L, c - small_einsum("gpq,p->gq", C, delta))
     logdet_RX = chol_logdet(chol(RX2[None]))[0] if p else jnp.zeros((), T.dtype)
     return PlsSolution(
         cp.beta_ls + delta,
@@ -303,7 +312,11 @@ def value_gradient_hessian(f, x):
     g = (plus - minus) / (2.0 * h)
     curvature = plus + minus - 2.0 * f0  # h^2 H_ii
     off = (both_plus + both_minus - 2.0 * f0 - curvature[i] - curvature[j]) / (2.0 * h**2)
-    H = jnp.diag(curvature / h**2).at[i, j].set(off).at[j, i].set(off)
+    # H by a gather from static positions in (diagonal, off-diagonal), which fuses; writing
+    # the off-diagonal into a diagonal matrix was two scatters, two kernels per evaluation.
+    position = np.diag(np.arange(k))
+    position[i, j] = position[j, i] = k + np.arange(i.size)
+    H = jnp.concatenate([curvature / h**2, off])[position]
     return f0, g, H
 
 
@@ -664,7 +677,8 @@ def fit_lmm_arrays(
     sigma = jnp.sqrt(sol.pwrss / dof)
     x = jnp.concatenate([sol.beta, phi])
     grad = jnp.concatenate([jnp.zeros(p, dtype), g])
-    cov = spd_inverse(sol.RX2) if p else jnp.zeros((0, 0), dtype)
+    # Unrolled for small p (LAPACK's Cholesky and two triangular solves are three kernels).
+    cov = chol_inverse(chol(sol.RX2[None]))[0] if p else jnp.zeros((0, 0), dtype)
     return LmmOutput(x, sol.u, mask, v, grad, H, status, its_l, its_n, evals, sigma, cov)
 
 

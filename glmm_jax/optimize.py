@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .blocks import small_einsum
 from .families import Family
 from .laplace import (
     InnerControl,
@@ -365,7 +366,9 @@ def _minimize(
             d_lbfgs = jnp.where(jnp.dot(g, updates) > 0, -updates, -g)
         ev, V = jnp.linalg.eigh(jnp.where(both, H, jnp.eye(n, dtype=H.dtype)))
         floor = 1e-8 * jnp.maximum(jnp.max(jnp.abs(ev)), 1.0)
-        d_newton = -V @ ((V.T @ g) / jnp.maximum(jnp.abs(ev), floor))
+        d_newton = -small_einsum(
+            "ij,j->i", V, small_einsum("ji,j->i", V, g) / jnp.maximum(jnp.abs(ev), floor)
+        )
         d = jnp.where(free, jnp.where(newton, d_newton, d_lbfgs), 0.0)
         # A step may change a log standard deviation by at most max_log_step: far from the
         # optimum a Newton step can otherwise jump a variance to near zero, where the boundary

@@ -136,26 +136,32 @@ class ReStructure:
         theta = np.asarray(theta, dtype=float)
         return np.where(self.diagonal, np.log(np.where(self.diagonal, theta, 1.0)), theta)
 
+    @functools.cached_property
+    def _block_index(self) -> tuple[np.ndarray, ...]:
+        """Per factor, the ``Q x Q`` array of positions in ``theta`` of each block entry, with
+        ``n_theta`` (one past the end) where the block is zero."""
+        out = []
+        for f, factor in enumerate(self.factors):
+            q = self.factor_q(factor)
+            index = np.full((q, q), self.n_theta)
+            for i, (ff, row, col) in enumerate(self._layout):
+                if ff == f:
+                    index[row, col] = i
+            index.flags.writeable = False
+            out.append(index)
+        return tuple(out)
+
     def lambda_blocks(self, theta) -> list:
         """One lower-triangular ``Q x Q`` block ``T`` per factor, from ``theta``.
 
         A numpy ``theta`` gives numpy blocks (no JAX dispatch, for results); anything else
-        gives ``jax.numpy`` blocks (inside the compiled fit).
+        gives ``jax.numpy`` blocks (inside the compiled fit). A gather from static positions
+        (into ``theta`` followed by a zero): inside jit it fuses with its consumers, where a
+        scatter into zeros is a kernel of its own, once per evaluation.
         """
-        layout = self.theta_layout()
-        blocks = []
-        for f, factor in enumerate(self.factors):
-            q = self.factor_q(factor)
-            idx = np.array([i for i, (ff, _, _) in enumerate(layout) if ff == f])
-            rows = np.array([layout[i][1] for i in idx])
-            cols = np.array([layout[i][2] for i in idx])
-            if isinstance(theta, np.ndarray):
-                T = np.zeros((q, q), theta.dtype)
-                T[rows, cols] = theta[idx]
-            else:
-                T = jnp.zeros((q, q), theta.dtype).at[rows, cols].set(theta[idx])
-            blocks.append(T)
-        return blocks
+        xp = np if isinstance(theta, np.ndarray) else jnp
+        padded = xp.concatenate([theta, xp.zeros(1, theta.dtype)])
+        return [padded[index] for index in self._block_index]
 
     def theta_names(self) -> list[str]:
         """lme4's names of the theta entries (``school.(Intercept)``, ``school.x.(Intercept)``)."""

@@ -272,3 +272,28 @@ def test_flat_output_call_equals_plain_jit(exam):
             # Two programs: XLA may fuse them differently, so floats to rounding only.
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     assert int(flat.newton_iterations) > 0 and flat.status.dtype.kind == "i"
+
+
+@pytest.mark.parametrize(
+    "subscripts, shape_a, shape_b",
+    [
+        ("gjk,kl->gjl", (5, 2, 2), (2, 2)),
+        ("ji,gjl->gil", (2, 2), (5, 2, 2)),
+        ("gjp,jl->gpl", (5, 2, 3), (2, 2)),
+        ("gpq,gkq->pk", (5, 3, 2), (5, 3, 2)),
+        ("gpq,p->gq", (5, 3, 2), (3,)),
+        ("np,nk->pk", (7, 0), (7, 0)),  # no fixed effects
+        ("gpq,gkq->pk", (600, 8, 4), (600, 8, 4)),  # over the size limit: jnp.einsum
+    ],
+)
+def test_small_einsum_equals_einsum(subscripts, shape_a, shape_b):
+    """The broadcast-and-sum contraction equals ``jnp.einsum``, also under ``vmap``."""
+    from glmm_jax.blocks import small_einsum
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4, *shape_a)), rng.normal(size=shape_b)
+    with jax.enable_x64(True):
+        got = jax.vmap(lambda x: small_einsum(subscripts, x, jnp.asarray(b)))(jnp.asarray(a))
+        want = np.stack([np.einsum(subscripts, x, b) for x in a])
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
