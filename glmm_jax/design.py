@@ -534,6 +534,14 @@ def _grouping_factors(spec: FormulaSpec, df: pd.DataFrame) -> list[_Factor]:
     return sorted(factors.values(), key=lambda f: -len(f.labels))
 
 
+@functools.lru_cache(maxsize=256)
+def _re_structure(terms: tuple[Term, ...]) -> ReStructure:
+    """One :class:`ReStructure` per distinct structure: its layouts are cached on the instance
+    (~20 us to rebuild on every fit), and jit compares a static argument it has seen before
+    by identity first."""
+    return ReStructure(terms)
+
+
 def _check_factors(ordered: list[_Factor], n: int, family: Family, trials) -> None:
     """Refuse grouping factors whose variance cannot be estimated, and designs too large."""
     for f in ordered:
@@ -821,7 +829,7 @@ def build_design(
     first = factors[0]
     re_scale = {f.name: re_column_scale(f.Z) for f in factors}
     terms = [t for f in factors for t in f.terms]
-    structure = ReStructure(tuple(terms))
+    structure = _re_structure(tuple(terms))
 
     M = _preconditioner(R, float(n))
     # A stable radix sort on narrow integer codes: O(n), where argsort on int64 is O(n log n).

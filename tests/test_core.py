@@ -297,3 +297,13 @@ def test_small_einsum_equals_einsum(subscripts, shape_a, shape_b):
         want = np.stack([np.einsum(subscripts, x, b) for x in a])
         assert got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+def test_designs_of_one_structure_share_its_layouts(exam):
+    """Equal random-effects structures are one ``ReStructure`` (its cached layouts are not
+    rebuilt on every fit); a different structure is another."""
+    a = _design("success ~ schavg + (1 | school)", exam)
+    b = _design("success ~ schavg + (1 | school)", exam.iloc[:-60])
+    c = _design("success ~ schavg + (schavg | school)", exam)
+    assert a.structure is b.structure
+    assert c.structure is not a.structure and c.structure != a.structure
