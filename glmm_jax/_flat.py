@@ -31,7 +31,8 @@ def _signature(args: tuple, static: dict) -> tuple:
 
 
 class FlatJit:
-    """``fn`` compiled twice over: as ``jax.jit`` would (``plain``), and returning one flat array.
+    """``fn`` jitted to return its output as one flat array; ``plain`` is ``jax.jit(fn)``
+    (compiled only if called: directly, or as the fallback).
 
     Parameters
     ----------
