@@ -22,13 +22,14 @@ __all__ = [
     "small_einsum",
 ]
 
-_UNROLL_MAX = 6
+#: Largest block size whose factorisation and solves are unrolled (larger ones call LAPACK).
+UNROLL_MAX = 6
 
 
 def chol(H: jnp.ndarray) -> jnp.ndarray:
     """Lower Cholesky factors of a batch ``(G, Q, Q)`` of SPD blocks."""
     q = H.shape[-1]
-    if q > _UNROLL_MAX:
+    if q > UNROLL_MAX:
         return jnp.linalg.cholesky(H)
     L = [[None] * q for _ in range(q)]
     for j in range(q):
@@ -46,7 +47,7 @@ def tri_solve(L: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """Solve ``L z = b`` blockwise (forward substitution): ``L`` ``(..., Q, Q)``, ``b``
     ``(..., Q)``, leading dimensions broadcast."""
     q = L.shape[-1]
-    if q > _UNROLL_MAX:
+    if q > UNROLL_MAX:
         L = jnp.broadcast_to(L, b.shape[:-1] + L.shape[-2:])
         return solve_triangular(L, b[..., None], lower=True)[..., 0]
     z = []
@@ -58,7 +59,7 @@ def tri_solve(L: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 def tri_solve_t(L: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
     """Solve ``L' x = z`` blockwise (back substitution), as :func:`tri_solve`."""
     q = L.shape[-1]
-    if q > _UNROLL_MAX:
+    if q > UNROLL_MAX:
         L = jnp.broadcast_to(L, z.shape[:-1] + L.shape[-2:])
         return solve_triangular(L, z[..., None], lower=True, trans=1)[..., 0]
     x = [None] * q

@@ -307,3 +307,27 @@ def test_designs_of_one_structure_share_its_layouts(exam):
     c = _design("success ~ schavg + (schavg | school)", exam)
     assert a.structure is b.structure
     assert c.structure is not a.structure and c.structure != a.structure
+
+
+@pytest.mark.parametrize("case", ["positive", "indefinite", "nearly_singular", "large"])
+def test_newton_direction_equals_the_eigenvalue_formula(case):
+    """The Cholesky shortcut gives the floored-eigenvalue step wherever it is taken, and the
+    eigenvalue route takes over for indefinite and nearly singular Hessians."""
+    from glmm_jax.optimize import _newton_direction
+
+    rng = np.random.default_rng(11)
+    n = 8 if case == "large" else 3
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    ev = {
+        "positive": [0.5, 2.0, 30.0],
+        "indefinite": [-4.0, 0.3, 7.0],
+        "nearly_singular": [1e-11, 1.0, 5.0],
+        "large": np.linspace(0.2, 9.0, n),
+    }[case]
+    H, g = Q @ np.diag(ev) @ Q.T, rng.normal(size=n)
+    floor = 1e-8 * max(np.max(np.abs(ev)), 1.0)
+    want = -Q @ ((Q.T @ g) / np.maximum(np.abs(ev), floor))
+    with jax.enable_x64(True):
+        d, positive = jax.jit(_newton_direction)(jnp.asarray(H), jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(d), want, rtol=1e-8)
+    assert bool(positive) == (min(ev) > 0)
