@@ -124,13 +124,19 @@ def pls(phi, arrays: ModelArrays, mask, structure: ReStructure, differentiable=T
     beta, u, resid, RX2, x_modes = _pls_columns(F, ZT, ZTr, y[:, None], arrays, structure)
     beta, u, resid = beta[:, 0], (u[0][..., 0], u[1][..., 0]), resid[:, 0]
     pwrss = jnp.sum(w * resid**2) + jnp.sum(u[0] ** 2) + jnp.sum(u[1] ** 2)
-    used = w > 0
-    n = jnp.sum(used).astype(y.dtype)
-    log_weights = jnp.sum(jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0))
+    n, log_weights = _weighted_rows(w, y.dtype)
     logdet_RX = spd_logdet(RX2) if p else jnp.zeros((), y.dtype)
     return PlsSolution(
         beta, u, pwrss, _hessian_logdet(F, structure), logdet_RX, RX2, n, log_weights, x_modes, F
     )
+
+
+def _weighted_rows(w, dtype):
+    """``(n, sum log w)`` over the rows of positive weight (padding has weight 0); ``n`` in
+    ``dtype``."""
+    used = w > 0
+    n = jnp.sum(used).astype(dtype)
+    return n, jnp.sum(jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0))
 
 
 def _pls_columns(F, ZT, ZTr, Y, arrays: ModelArrays, structure: ReStructure):
@@ -203,9 +209,7 @@ def cross_products(arrays: ModelArrays) -> CrossProducts:
     e = y - small_einsum("np,p->n", X, beta_ls)
     G = arrays.level_mask.shape[0]
     sums = _level_products(Z, jnp.concatenate([Z, X, e[:, None]], 1), w, arrays.group, G, True)
-    used = w > 0
-    n = jnp.sum(used).astype(y.dtype)
-    log_weights = jnp.sum(jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0))
+    n, log_weights = _weighted_rows(w, y.dtype)
     return CrossProducts(
         sums[:, :, :q],
         sums[:, :, q : q + p],
@@ -542,17 +546,20 @@ def _moment_phi(level_sums, s2, n, structure: ReStructure):
         explained = sum(jnp.maximum(jnp.sum(C * K), 0.0) for C, K in zip(covs, scales, strict=True))
         sigma2 = jnp.maximum(s2 - explained, 0.05 * s2)
     covs = [V - sigma2 * N for V, N in zip(spreads, noises, strict=True)]
-    phi = []
+    phi, start = [], 0
+    layout = structure.theta_layout()
     for term, f, col in structure.term_columns:
         # theta = chol(Sigma_b / sigma^2) of the term's block, not at a boundary (the boundary
         # stage decides those) and not absurdly large.
         block = covs[f][col : col + term.q, col : col + term.q]
         T = chol(positive_part(block / sigma2, 0.05**2)[None])[0]
-        rows, cols = np.tril_indices(term.q)
-        order = np.lexsort((rows, cols))  # theta's order: column by column
-        rows, cols = rows[order], cols[order]
+        # The term's theta entries, in the structure's order, within its block.
+        stop = start + term.n_theta
+        rows = np.array([row - col for _, row, _ in layout[start:stop]])
+        cols = np.array([c - col for _, _, c in layout[start:stop]])
         entries = T[rows, cols]
-        diagonal = rows == cols
+        diagonal = structure.diagonal[start:stop]
+        start = stop
         entries = jnp.where(
             diagonal, jnp.log(jnp.clip(jnp.where(diagonal, entries, 1.0), 0.05, 20.0)), entries
         )
