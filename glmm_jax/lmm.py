@@ -58,7 +58,7 @@ from .laplace import (
     rest_shapes,
     variances_from_factor,
 )
-from .optimize import Control, fit_stages
+from .optimize import Control, fit_stages, fit_stages_joint
 from .structure import ReStructure
 
 __all__ = [
@@ -629,26 +629,17 @@ def fit_lmm_arrays(
             s2 = cp.ee / jnp.maximum(cp.n - p, 1.0)
             phi0 = _moment_phi([(cp.S, cp.Ze)], s2, cp.n, structure)
 
-        def objective(mask):
-            def criterion(phi):
-                return _criterion(pls_from_cross_products(phi, cp, mask, structure), p, reml)
+        def evaluate(phi, mask):
+            # Every evaluation is the whole stencil (as many kernels as one value): each
+            # trial point of the line search brings its derivatives with it, so a Newton step
+            # costs one stencil per trial and no more.
+            def criterion(ph):
+                return _criterion(pls_from_cross_products(ph, cp, mask, structure), p, reml)
 
-            # Every evaluation is the whole stencil (as many kernels as one value), carried as
-            # ``(value, gradient, Hessian)``: the line search's accepted point brings its
-            # derivatives with it, so a Newton step costs one stencil per trial and no more.
-            def value(phi, carry):
-                out = value_gradient_hessian(criterion, phi)
-                return out[0], out
+            return value_gradient_hessian(criterion, phi)
 
-            def derivatives(phi, carry):
-                return carry
-
-            return value, derivatives
-
-        k = phi0.shape[0]
-        carry = (jnp.zeros((), dtype), jnp.zeros(k, dtype), jnp.zeros((k, k), dtype))
-        mask, phi, _, v, g, H, status, its_l, its_n, evals = fit_stages(
-            objective, phi0, carry, 0, structure, control, rows
+        mask, phi, _, v, g, H, status, its_l, its_n, evals = fit_stages_joint(
+            evaluate, phi0, 0, structure, control
         )
         sol = pls_from_cross_products(phi, cp, mask, structure)
     else:
