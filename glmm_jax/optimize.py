@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .blocks import UNROLL_MAX, chol, chol_inverse, small_einsum
+from .blocks import UNROLL_MAX, gauss_jordan, small_einsum
 from .families import Family
 from .laplace import (
     InnerControl,
@@ -212,11 +212,12 @@ def _newton_direction(H, g):
     magnitudes of its eigenvalues floored at ``1e-8 max(max |eigenvalue|, 1)``: Newton's step
     where ``H`` is safely positive definite, a descent direction where it is not.
 
-    For a small ``H`` (unrolled, :mod:`blocks`) the Cholesky inverse gives that same step
-    whenever ``1 / ||H^{-1}||_F``, a lower bound on the smallest eigenvalue, is above the
-    floor (``||H||_F`` bounds the largest): LAPACK's ``eigh`` costs ~3.7 us a call on CPU,
-    one per Newton step, and runs only when that test fails (an indefinite or nearly
-    singular ``H``: the Cholesky factor then has non-finite entries or the bound fails).
+    For a small ``H`` (at most ``UNROLL_MAX`` parameters) Gauss-Jordan elimination of
+    ``[H | I | g]`` (:func:`blocks.gauss_jordan`, ~7 kernels) gives that same step whenever
+    its pivots are positive (``H`` positive definite) and ``1 / ||H^{-1}||_F``, a lower bound
+    on the smallest eigenvalue, is above the floor (``||H||_F`` bounds the largest):
+    LAPACK's ``eigh`` costs ~3.7 us a call on CPU, one per Newton step, and runs only when
+    that test fails (an indefinite or nearly singular ``H``).
     """
 
     def by_eigh():
@@ -225,16 +226,18 @@ def _newton_direction(H, g):
         step = small_einsum("ji,j->i", V, g) / jnp.maximum(jnp.abs(ev), floor)
         return -small_einsum("ij,j->i", V, step), ev[0] > 0
 
-    if H.shape[0] > UNROLL_MAX:
+    n = H.shape[0]
+    if n > UNROLL_MAX:
         return by_eigh()
-    H_inv = chol_inverse(chol(H[None]))[0]
+    X, pivots = gauss_jordan(H, jnp.concatenate([jnp.eye(n, dtype=H.dtype), g[:, None]], 1))
+    H_inv = X[:, :n]
     bound = 1.0 / jnp.sqrt(jnp.sum(H_inv**2))
-    safe = jnp.all(jnp.isfinite(H_inv)) & (
-        bound >= 1e-8 * jnp.maximum(jnp.sqrt(jnp.sum(H**2)), 1.0)
+    safe = (
+        jnp.all(pivots > 0)
+        & jnp.all(jnp.isfinite(X))
+        & (bound >= 1e-8 * jnp.maximum(jnp.sqrt(jnp.sum(H**2)), 1.0))
     )
-    return jax.lax.cond(
-        safe, lambda: (-small_einsum("ij,j->i", H_inv, g), jnp.array(True)), by_eigh
-    )
+    return jax.lax.cond(safe, lambda: (-X[:, n], jnp.array(True)), by_eigh)
 
 
 def _backtrack(value, x, u, v, g, d, max_halvings: int = 40):
@@ -650,29 +653,25 @@ _START, _SEARCH, _EXTEND = 0, 1, 2
 
 
 class _JointState(NamedTuple):
-    """Carry of :func:`fit_stages_joint`'s loop. ``x``, ``v``, ``g``, ``H``: the accepted point
-    and its derivatives; ``d`` the Newton direction from it; ``alpha`` the step that the next
-    evaluation tries; ``best`` the longest improving step of an extension; ``first`` the
-    interior stage's end ``(mask, x, v, g, H, status)``, kept for the comparison with the
-    boundary stage."""
+    """Carry of :func:`fit_stages_joint`'s loop, in few arrays: XLA compiles the select of
+    each leaf of a loop's state to a kernel of its own, and these selects were half of an
+    iteration's kernels when every quantity was a leaf.
 
-    stage: jnp.ndarray
+    A *point* is one vector ``[v, x, g, vec(H)]``: a value, its coordinates, gradient and
+    Hessian. ``base`` is the accepted point followed by the Newton direction ``d`` from it;
+    ``best`` the longest improving step of an extension; ``first`` ``[mask, point, status]``
+    at the end of the interior stage, for the comparison with the boundary stage; ``mask``
+    the stage's (0 for a variance held at zero); ``alpha`` the step the next evaluation
+    tries; ``counters`` ``[phase, tries, stage, stage iterations, Newton iterations,
+    evaluations, status]``.
+    """
+
+    base: jnp.ndarray
+    best: jnp.ndarray
+    first: jnp.ndarray
     mask: jnp.ndarray
-    free: jnp.ndarray
-    x: jnp.ndarray
-    v: jnp.ndarray
-    g: jnp.ndarray
-    H: jnp.ndarray
-    d: jnp.ndarray
     alpha: jnp.ndarray
-    phase: jnp.ndarray
-    tries: jnp.ndarray
-    best: tuple
-    stage_its: jnp.ndarray
-    newton_its: jnp.ndarray
-    evaluations: jnp.ndarray
-    status: jnp.ndarray
-    first: tuple
+    counters: jnp.ndarray
 
 
 def fit_stages_joint(
@@ -694,136 +693,129 @@ def fit_stages_joint(
     of the line search (Armijo, halving from step 1) or doubles an accepted step toward a
     zero variance. Where the general optimiser nests the line search and the extension in
     the Newton loop and the loop in a scan over both stages, each layer with its own state
-    and branches, this one's body is the evaluation and a few scalar decisions: on
-    sleepstudy ~60 kernels per evaluation where the nested loops ran ~110 per Newton step,
-    about half of the compiled fit. Accepted points are the same, so the optimum and
-    its iteration counts are.
+    and branches (~110 kernels per Newton step on sleepstudy, ~30 of them the stencil), this
+    body is the evaluation, the Newton direction and a few selects. Accepted points are the
+    same, so the optimum and its Newton iterations are.
 
     Returns ``(mask, x, (v, g, H), v, g, H, status, 0, newton_iterations, evaluations)`` as
     :func:`fit_stages` does.
     """
-    n = x0.shape[0]
+    n, k = x0.shape[0], x0.shape[0] - p
     dtype = x0.dtype
+    m = 1 + 2 * n + n * n  # the length of a point
     diag = jnp.asarray(structure.diagonal)
     watch = jnp.concatenate([jnp.zeros(p, bool), diag])
     log_zero = jnp.log(control.singular_tol)
     log_boundary = jnp.log(control.boundary_theta)
     eye = jnp.eye(n, dtype=dtype)
-    zero_g, zero_H = jnp.zeros(n, dtype), jnp.zeros((n, n), dtype)
-    inf = jnp.asarray(jnp.inf, dtype)
 
-    def direction(x, g, H, free):
-        """Newton's direction from ``x``, shortened to ``max_log_step``, and its decrement."""
-        both = free[:, None] & free[None, :]
-        d, _ = _newton_direction(jnp.where(both, H, eye), g)
-        d = jnp.where(free, d, 0.0)
-        longest = jnp.max(jnp.where(watch & free, jnp.abs(d), 0.0))
-        d = d * jnp.minimum(1.0, control.max_log_step / jnp.maximum(longest, 1e-300))
-        return d, -jnp.dot(g, d)
+    def pack(v, x, g, H):
+        return jnp.concatenate([jnp.reshape(v, (1,)), x, g, H.reshape(-1)])
+
+    def unpack(point):
+        return point[0], point[1 : 1 + n], point[1 + n : 1 + 2 * n], point[1 + 2 * n : m]
 
     def body(s: _JointState) -> _JointState:
-        both = s.free[:, None] & s.free[None, :]
-        trial = s.x + s.alpha * s.d
+        v, x, g, H = unpack(s.base)
+        d = s.base[m:]
+        phase, tries, stage, stage_its, newton_its, evaluations, _ = s.counters
+        free = jnp.concatenate([jnp.ones(p, bool), s.mask > 0])
+        both = free[:, None] & free[None, :]
+        trial = x + s.alpha * d
         v_t, g_t, H_t = evaluate(trial, s.mask)
-        g_t = jnp.where(s.free, g_t, 0.0)
-        H_t = _symmetric_free(H_t, both)
-        start, search = s.phase == _START, s.phase == _SEARCH
-        extending = s.phase == _EXTEND
-        tries = s.tries + 1
-        armijo = v_t <= s.v + 1e-4 * s.alpha * jnp.dot(s.g, s.d)
+        point = pack(v_t, trial, jnp.where(free, g_t, 0.0), _symmetric_free(H_t, both))
+        start, search, extending = phase == _START, phase == _SEARCH, phase == _EXTEND
+        tries = tries + 1
+        armijo = v_t <= v + 1e-4 * s.alpha * jnp.dot(g, d)
         # An accepted unit step that takes a log standard deviation further below
         # log(boundary_theta): double it while the criterion keeps falling (_extend).
-        heading = jnp.any(watch & s.free & (s.x < log_boundary) & (s.d < 0))
+        heading = jnp.any(watch & free & (x < log_boundary) & (d < 0))
         extend = search & armijo & (s.alpha == 1.0) & heading
-        better = extending & (v_t < s.best[1])
-        best = _where(extend | better, (trial, v_t, g_t, H_t), s.best)
+        better = extending & (v_t < s.best[0])
+        best = jnp.where(extend | better, point, s.best)
         more = extend | (better & (tries < max_doublings))
         halve = search & ~armijo & (tries < max_halvings)
         failed = search & ~armijo & ~halve
         take = start | (search & armijo & ~extend) | (extending & ~more)
         # The point taken: the trial, or at the end of an extension its longest improving step.
-        x, v, g, H = _where(extending, best, (trial, v_t, g_t, H_t))
-        d, decrement = direction(x, g, H, s.free)
+        point = jnp.where(extending, best, point)
+        v, x, g, H = unpack(point)
+        d, _ = _newton_direction(jnp.where(both, H.reshape(n, n), eye), g)
+        d = jnp.where(free, d, 0.0)
+        longest = jnp.max(jnp.where(watch & free, jnp.abs(d), 0.0))
+        d = d * jnp.minimum(1.0, control.max_log_step / jnp.maximum(longest, 1e-300))
         tol = jnp.maximum(control.newton_tol, 10 * jnp.finfo(dtype).eps * (1.0 + jnp.abs(v)))
-        finite = jnp.isfinite(v) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(H))
         # As _minimize: a move that takes a variance below singular_tol ends the stage (the
         # boundary stage fits it), as does the iteration limit; then the new point's tests.
-        sliding = ~start & jnp.any(watch & s.free & (x < log_zero))
-        limit = s.stage_its >= control.newton_maxiter
-        # A Newton iteration is a direction taken (none where the stage ends before one).
-        counted = (take & ~sliding & ~limit).astype(jnp.int32)
+        sliding = ~start & jnp.any(watch & free & (x < log_zero))
+        limit = stage_its >= control.newton_maxiter
         status = jnp.select(
-            [sliding, limit, ~finite, decrement < tol],
+            [sliding, limit, ~jnp.all(jnp.isfinite(point)), -jnp.dot(g, d) < tol],
             [_BOUNDARY, Status.MAXITER, Status.NONFINITE, Status.CONVERGED],
             _RUNNING,
         )
         status = jnp.where(take, status, jnp.where(failed, Status.LINESEARCH, _RUNNING))
-        keep = ~take
-        x, v, g, H, d = _where(keep, (s.x, s.v, s.g, s.H, s.d), (x, v, g, H, d))
+        # A Newton iteration is a direction taken (none where the stage ends before one).
+        counted = take & ~sliding & ~limit
+        base = jnp.where(take, jnp.concatenate([point, d]), s.base)
         alpha = jnp.where(
             take, 1.0, jnp.where(halve, 0.5 * s.alpha, jnp.where(more, 2.0 * s.alpha, s.alpha))
         )
-        phase = jnp.where(take | halve, _SEARCH, jnp.where(more, _EXTEND, s.phase))
+        phase = jnp.where(take | halve, _SEARCH, jnp.where(more, _EXTEND, phase))
         tries = jnp.where(take | extend, 0, tries)
-        status = status.astype(jnp.int32)
 
-        # The interior stage's end: the boundary stage starts where a variance is near zero.
-        ended = (status != _RUNNING) & (s.stage == 0)
-        first = _where(ended, (s.mask, x, v, g, H, status), s.first)
-        candidate = diag & (jnp.exp(x[p:]) < control.boundary_theta)
+        # The interior stage's end: the boundary stage starts where a variance is near zero,
+        # from the same point (alpha 0: its first evaluation is there).
+        ended = (status != _RUNNING) & (stage == 0)
+        first = jnp.where(
+            ended, jnp.concatenate([s.mask, base[:m], status.astype(dtype)[None]]), s.first
+        )
+        candidate = diag & (jnp.exp(base[1 + p : 1 + n]) < control.boundary_theta)
         boundary = ended & jnp.any(candidate)
-        mask = jnp.where(boundary, jnp.where(candidate, 0.0, 1.0).astype(dtype), s.mask)
-        free = jnp.where(boundary, jnp.concatenate([jnp.ones(p, bool), ~candidate]), s.free)
+        counters = jnp.stack(
+            [
+                jnp.where(boundary, _START, phase),
+                jnp.where(boundary, 0, tries),
+                stage + boundary,
+                jnp.where(boundary, 0, stage_its + counted),
+                newton_its + counted,
+                evaluations + 1,
+                jnp.where(boundary, _RUNNING, status),
+            ]
+        ).astype(jnp.int32)
         return _JointState(
-            stage=s.stage + boundary.astype(jnp.int32),
-            mask=mask,
-            free=free,
-            x=x,
-            v=v,
-            g=g,
-            H=H,
-            d=jnp.where(boundary, 0.0, d),
-            alpha=jnp.where(boundary, 0.0, alpha).astype(dtype),
-            phase=jnp.where(boundary, _START, phase).astype(jnp.int32),
-            tries=jnp.where(boundary, 0, tries).astype(jnp.int32),
+            base=base,
             best=best,
-            stage_its=jnp.where(boundary, 0, s.stage_its + counted).astype(jnp.int32),
-            newton_its=s.newton_its + counted,
-            evaluations=s.evaluations + 1,
-            status=jnp.where(boundary, _RUNNING, status).astype(jnp.int32),
             first=first,
+            mask=jnp.where(boundary & candidate, 0.0, s.mask).astype(dtype),
+            alpha=jnp.where(boundary, 0.0, alpha).astype(dtype),
+            counters=counters,
         )
 
-    k = x0.shape[0] - p
+    zero = jnp.zeros(n, dtype)
     mask0 = jnp.ones(k, dtype)
+    start = pack(jnp.zeros((), dtype), x0, zero, jnp.zeros((n, n), dtype))
     state = _JointState(
-        stage=jnp.int32(0),
+        base=jnp.concatenate([start, zero]),
+        best=start,
+        first=jnp.concatenate([mask0, start, jnp.full(1, _RUNNING, dtype)]),
         mask=mask0,
-        free=jnp.ones(n, bool),
-        x=x0,
-        v=jnp.zeros((), dtype),
-        g=zero_g,
-        H=zero_H,
-        d=zero_g,
         alpha=jnp.zeros((), dtype),
-        phase=jnp.int32(_START),
-        tries=jnp.int32(0),
-        best=(x0, inf, zero_g, zero_H),
-        stage_its=jnp.int32(0),
-        newton_its=jnp.int32(0),
-        evaluations=jnp.int32(0),
-        status=jnp.int32(_RUNNING),
-        first=(mask0, x0, inf, zero_g, zero_H, jnp.int32(_RUNNING)),
+        counters=jnp.array([_START, 0, 0, 0, 0, 0, _RUNNING], jnp.int32),
     )
-    s = jax.lax.while_loop(lambda s: s.status == _RUNNING, body, state)
+    s = jax.lax.while_loop(lambda s: s.counters[6] == _RUNNING, body, state)
+    _, _, stage, _, newton_its, evaluations, status = s.counters
+    first_mask, first_point = s.first[:k], s.first[k : k + m]
     # The boundary fit wins where it ran and its deviance is no higher.
-    use_boundary = (s.stage == 1) & (s.v <= s.first[2] + 1e-6)
-    mask, x, v, g, H, status = _where(
-        use_boundary, (s.mask, s.x, s.v, s.g, s.H, s.status), s.first
-    )
-    g_max = jnp.max(jnp.abs(g))
+    use_boundary = (stage == 1) & (s.base[0] <= first_point[0] + 1e-6)
+    mask = jnp.where(use_boundary, s.mask, first_mask)
+    v, x, g, H = unpack(jnp.where(use_boundary, s.base[:m], first_point))
+    H = H.reshape(n, n)
+    status = jnp.where(use_boundary, status, s.first[-1].astype(jnp.int32))
     status = jnp.where(
-        (status == Status.LINESEARCH) & (g_max < control.gradient_tol), Status.CONVERGED, status
+        (status == Status.LINESEARCH) & (jnp.max(jnp.abs(g)) < control.gradient_tol),
+        Status.CONVERGED,
+        status,
     )
     status = jnp.where(status == _BOUNDARY, Status.MAXITER, status)
-    return (mask, x, (v, g, H), v, g, H, status, jnp.int32(0), s.newton_its, s.evaluations)
+    return (mask, x, (v, g, H), v, g, H, status, jnp.int32(0), newton_its, evaluations)

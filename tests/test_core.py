@@ -309,10 +309,32 @@ def test_designs_of_one_structure_share_its_layouts(exam):
     assert c.structure is not a.structure and c.structure != a.structure
 
 
-@pytest.mark.parametrize("case", ["positive", "indefinite", "nearly_singular", "large"])
+def test_gauss_jordan_solves_and_its_pivots_are_ratios_of_leading_minors():
+    """``A^{-1} B`` as numpy's solve gives it, also under ``vmap``; the pivots are the ratios
+    of successive leading minors (all positive exactly for a positive definite ``A``)."""
+    from glmm_jax.blocks import gauss_jordan
+
+    rng = np.random.default_rng(5)
+    F = rng.normal(size=(4, 5, 5))
+    A = F @ np.swapaxes(F, 1, 2) + 0.1 * np.eye(5)
+    A[3] -= 3.0 * np.eye(5)  # indefinite: some pivot negative
+    B = rng.normal(size=(4, 5, 2))
+    with jax.enable_x64(True):
+        X, pivots = jax.vmap(gauss_jordan)(jnp.asarray(A), jnp.asarray(B))
+    np.testing.assert_allclose(np.asarray(X), np.linalg.solve(A, B), rtol=1e-9, atol=1e-12)
+    minors = np.stack([np.linalg.det(A[:, :k, :k]) for k in range(1, 6)], 1)
+    ratios = minors / np.concatenate([np.ones((4, 1)), minors[:, :-1]], 1)
+    np.testing.assert_allclose(np.asarray(pivots), ratios, rtol=1e-9)
+    assert np.all(np.asarray(pivots)[:3] > 0) and not np.all(np.asarray(pivots)[3] > 0)
+
+
+@pytest.mark.parametrize(
+    "case", ["positive", "indefinite", "nearly_singular", "zero_pivot", "large"]
+)
 def test_newton_direction_equals_the_eigenvalue_formula(case):
-    """The Cholesky shortcut gives the floored-eigenvalue step wherever it is taken, and the
-    eigenvalue route takes over for indefinite and nearly singular Hessians."""
+    """The Gauss-Jordan shortcut gives the floored-eigenvalue step wherever it is taken, and
+    the eigenvalue route takes over for indefinite and nearly singular Hessians, and where
+    elimination without pivoting meets a zero pivot."""
     from glmm_jax.optimize import _newton_direction
 
     rng = np.random.default_rng(11)
@@ -322,9 +344,14 @@ def test_newton_direction_equals_the_eigenvalue_formula(case):
         "positive": [0.5, 2.0, 30.0],
         "indefinite": [-4.0, 0.3, 7.0],
         "nearly_singular": [1e-11, 1.0, 5.0],
+        "zero_pivot": [1.0, 1.0, 1.0],
         "large": np.linspace(0.2, 9.0, n),
     }[case]
     H, g = Q @ np.diag(ev) @ Q.T, rng.normal(size=n)
+    if case == "zero_pivot":
+        # Eigenvalues -1, 1, 2 with H[0, 0] = 0: elimination divides by zero.
+        H, ev = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]), [-1.0, 1.0, 2.0]
+        Q = np.linalg.eigh(H)[1]
     floor = 1e-8 * max(np.max(np.abs(ev)), 1.0)
     want = -Q @ ((Q.T @ g) / np.maximum(np.abs(ev), floor))
     with jax.enable_x64(True):
