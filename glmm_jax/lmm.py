@@ -37,12 +37,8 @@ import numpy as np
 from .blocked import spd_inverse, spd_logdet
 from .blocks import (
     chol,
-    chol_inverse,
-    chol_logdet,
-    chol_solve,
+    gauss_jordan,
     small_einsum,
-    tri_solve,
-    tri_solve_t,
 )
 from .laplace import (
     ModelArrays,
@@ -234,48 +230,57 @@ def _level_products(Z, V, w, index, G: int, sorted_index: bool = False):
 
 
 def _spd_solve(A, b):
-    """``A^{-1} b`` for a small SPD ``A`` (``p x p``, unrolled for small ``p``); 0 x 0 allowed."""
+    """``A^{-1} b`` for a small SPD ``A`` (``p x p``, :func:`blocks.gauss_jordan`); 0 x 0
+    allowed."""
     if A.shape[0] == 0:
         return b
-    return chol_solve(chol(A[None]), b[None])[0]
+    return gauss_jordan(A, b[:, None])[0][:, 0]
 
 
 def pls_from_cross_products(phi, cp: CrossProducts, mask, structure: ReStructure) -> PlsSolution:
     """:func:`pls` for one grouping factor, from :func:`cross_products`: no pass over the data.
 
-    With ``L_g L_g' = T' S_g T + I``, ``C_g = L_g^{-1} T' Z_g' W X_g`` and
-    ``c_g = L_g^{-1} T' Z_g' W e_g``: ``R_X' R_X = X' W X - sum C_g' C_g``; the fixed effects
-    are ``beta_ls + delta`` with ``R_X' R_X delta = -sum C_g' c_g``; the penalised residual
-    sum of squares is ``e' W e - sum |c_g|^2 + delta' sum C_g' c_g``; the modes are
-    ``u_g = L_g^{-T} (c_g - C_g delta)``. Every operation is on ``(G, Q, Q)`` or smaller
-    arrays (unrolled for small ``Q``): the cost of an evaluation no longer grows with the
-    number of rows, and on small data it is the number of XLA kernels that counts
-    (:func:`value_gradient_hessian`). ``x_modes`` is not formed (``None``).
+    With ``A_g = T' S_g T + I`` (level ``g``'s block of ``H``), ``B_g = T' Z_g' W X_g`` and
+    ``b_g = T' Z_g' W e_g``: ``R_X' R_X = X' W X - sum B_g' A_g^{-1} B_g``; the fixed effects
+    are ``beta_ls + delta`` with ``R_X' R_X delta = -sum B_g' A_g^{-1} b_g``; the penalised
+    residual sum of squares is ``e' W e - sum b_g' A_g^{-1} b_g + delta' sum B_g' A_g^{-1}
+    b_g``; the modes are ``u_g = A_g^{-1} (b_g - B_g delta)``; ``log det H`` is the sum of the
+    logs of the pivots. One Gauss-Jordan elimination per level (:func:`blocks.gauss_jordan`)
+    gives ``A_g^{-1} [B_g | b_g]`` and the pivots, and every operation is on ``(G, Q, Q + p +
+    1)`` or smaller arrays: the cost of an evaluation does not grow with the number of rows,
+    and on small data it is the number of XLA kernels that counts
+    (:func:`value_gradient_hessian`). ``x_modes`` and ``factor`` are not formed (``None``).
     """
     T, _ = lambda_factors(phi, structure, mask)
     q, p = cp.ZX.shape[1], cp.ZX.shape[2]
-    TST = small_einsum("ji,gjl->gil", T, small_einsum("gjk,kl->gjl", cp.S, T))
-    L = chol(TST + jnp.eye(q, dtype=T.dtype))
-    c = tri_solve(L, small_einsum("gj,jl->gl", cp.Ze, T))
-    # (G, p, Q): one triangular solve per fixed-effect column.
-    C = tri_solve(L[:, None], small_einsum("gjp,jl->gpl", cp.ZX, T))
-    RX2 = cp.XX - small_einsum("gpq,gkq->pk", C, C)
-    r = -small_einsum("gpq,gq->p", C, c)
-    delta = _spd_solve(RX2, r)
-    pwrss = cp.ee - jnp.sum(c**2) - jnp.dot(r, delta)
-    u1 = tri_solve_t(L, c - small_einsum("gpq,p->gq", C, delta))
-    logdet_RX = chol_logdet(chol(RX2[None]))[0] if p else jnp.zeros((), T.dtype)
+    A = small_einsum("ji,gjl->gil", T, small_einsum("gjk,kl->gjl", cp.S, T)) + jnp.eye(
+        q, dtype=T.dtype
+    )
+    # [B_g | b_g]: the fixed effects' columns and the residual's, (G, Q, p + 1).
+    Bb = small_einsum("jq,gjc->gqc", T, jnp.concatenate([cp.ZX, cp.Ze[:, :, None]], -1))
+    solved, pivots = gauss_jordan(A, Bb)
+    # sum_g [B_g | b_g]' A_g^{-1} [B_g | b_g]: (p + 1, p + 1).
+    S = small_einsum("gqi,gqj->ij", Bb, solved)
+    RX2 = cp.XX - S[:p, :p]
+    r = -S[:p, p]
+    if p:
+        delta, pivots_RX = gauss_jordan(RX2, r[:, None])
+        delta, logdet_RX = delta[:, 0], jnp.sum(jnp.log(pivots_RX))
+    else:
+        delta, logdet_RX = r, jnp.zeros((), T.dtype)
+    pwrss = cp.ee - S[p, p] - jnp.dot(r, delta)
+    u1 = solved[:, :, p] - small_einsum("gqc,c->gq", solved[:, :, :p], delta)
     return PlsSolution(
         cp.beta_ls + delta,
         (u1, jnp.zeros((0,), T.dtype)),
         pwrss,
-        jnp.sum(chol_logdet(L)),
+        jnp.sum(jnp.log(pivots)),
         logdet_RX,
         RX2,
         cp.n,
         cp.log_weights,
         None,
-        L,
+        None,
     )
 
 
@@ -511,27 +516,35 @@ def _moment_phi(level_sums, s2, n, structure: ReStructure):
     spreads, noises, scales, enough = [], [], [], []
     for S, Ze in level_sums:
         q = S.shape[-1]
-        L = chol(S)
-        pivots = jnp.diagonal(L, axis1=-2, axis2=-1) ** 2
+        eye = jnp.broadcast_to(jnp.eye(q, dtype=dtype), S.shape)
+        # (Z_g' W Z_g)^{-1} [Z_g' W e_g | I]: a singular level's values are not finite, and
+        # are left out by the mask.
+        solved, pivots = gauss_jordan(S, jnp.concatenate([Ze[:, :, None], eye], -1))
         scale_g = jnp.max(jnp.diagonal(S, axis1=-2, axis2=-1), axis=-1)
         present = (scale_g > 0) & jnp.all(pivots > 1e-8 * scale_g[:, None], axis=-1)
-        L = jnp.where(present[:, None, None], L, jnp.eye(q, dtype=dtype))
-        b = chol_solve(L, jnp.where(present[:, None], Ze, 0.0))
         m = jnp.sum(present)
-        b = jnp.where(present[:, None], b, 0.0)
+        b = jnp.where(present[:, None], solved[:, :, 0], 0.0)
         centred = jnp.where(present[:, None], b - jnp.sum(b, 0) / jnp.maximum(m, 1), 0.0)
         spreads.append(centred.T @ centred / jnp.maximum(m - 1, 1))
-        inverse = jnp.where(present[:, None, None], chol_inverse(L), 0.0)
+        inverse = jnp.where(present[:, None, None], solved[:, :, 1:], 0.0)
         noises.append(jnp.sum(inverse, 0) / jnp.maximum(m, 1))
         scales.append(jnp.sum(S, 0) / jnp.maximum(n, 1))
         enough.append(m > q)
 
     def positive_part(V, floor):
         """``V`` with its eigenvalues floored (``V`` symmetric, ``q x q``)."""
-        if V.shape[0] == 1:
+        q = V.shape[0]
+        if q == 1:
             return jnp.maximum(V, floor)
-        ev, vecs = jnp.linalg.eigh(V)
-        return (vecs * jnp.maximum(ev, floor)) @ vecs.T
+
+        def floored():
+            ev, vecs = jnp.linalg.eigh(V)
+            return (vecs * jnp.maximum(ev, floor)) @ vecs.T
+
+        # Every eigenvalue above the floor (V - floor I positive definite: its pivots
+        # positive), the usual case: V itself, without LAPACK's eigh (~4 us a call).
+        _, pivots = gauss_jordan(V - floor * jnp.eye(q, dtype=V.dtype), V[:, :0])
+        return jax.lax.cond(jnp.all(pivots > 0), lambda: V, floored)
 
     # The noise in b_g is sigma^2 (Z_g' W Z_g)^{-1}, but the residual variance s2 also holds
     # the terms' variances (in a crossed design they do not average out of b_g): a few
@@ -675,8 +688,8 @@ def fit_lmm_arrays(
     sigma = jnp.sqrt(sol.pwrss / dof)
     x = jnp.concatenate([sol.beta, phi])
     grad = jnp.concatenate([jnp.zeros(p, dtype), g])
-    # Unrolled for small p (LAPACK's Cholesky and two triangular solves are three kernels).
-    cov = chol_inverse(chol(sol.RX2[None]))[0] if p else jnp.zeros((0, 0), dtype)
+    # By elimination (LAPACK's Cholesky and two triangular solves would be three calls).
+    cov = gauss_jordan(sol.RX2, jnp.eye(p, dtype=dtype))[0]
     return LmmOutput(x, sol.u, mask, v, grad, H, status, its_l, its_n, evals, sigma, cov)
 
 
