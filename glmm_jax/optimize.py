@@ -337,9 +337,8 @@ def _minimize(
 
     ``hessian(x, u*, g)``, if given, replaces the exact Hessian with a cheap approximation
     (lmer's average information, ``lmm.average_information``): it is computed on every Newton
-    step and convergence is judged with it; it is then the returned Hessian. ``dev_and_grad``
-    may instead return ``(v, g, H)``, a Hessian computed with the gradient (lmer's with one
-    grouping factor, from a stencil of values), used the same way.
+    step and convergence is judged with it; it is then the returned Hessian. (An objective
+    whose evaluations bring their Hessian, lmer's stencil, goes to :func:`fit_stages_joint`.)
 
     An accepted unit Newton step that takes a log standard deviation below
     ``log(boundary_theta)`` further down is doubled while the deviance keeps falling: there the
@@ -377,20 +376,15 @@ def _minimize(
     def body(state: _LoopState):
         x, u, newton = state.x, state.u, state.newton
         it_l, it_n = state.lbfgs_its, state.newton_its
-        v, g, *joint = dev_and_grad(x, u)
+        v, g = dev_and_grad(x, u)
         g = jnp.where(free, g, 0.0)
-        # A Hessian that comes with the gradient is used as the supplied one is.
-        approximate = hessian is not None or bool(joint)
+        approximate = hessian is not None
         exact = newton & (~state.have_H | state.near | approximate)
-        if joint:
-            # Computed with the gradient anyway: no branch to skip.
-            H = jnp.where(newton, _symmetric_free(joint[0], both), state.H)
-        else:
-            H = jax.lax.cond(
-                exact,
-                lambda: _symmetric_free(hessian_at(x, u, g), both),
-                lambda: jnp.where(newton, bfgs(state.H, x - state.x_prev, g - state.g), state.H),
-            )
+        H = jax.lax.cond(
+            exact,
+            lambda: _symmetric_free(hessian_at(x, u, g), both),
+            lambda: jnp.where(newton, bfgs(state.H, x - state.x_prev, g - state.g), state.H),
+        )
 
         if control.lbfgs_maxiter == 0:
             opt_state, d_lbfgs = state.opt_state, -g
