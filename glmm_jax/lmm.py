@@ -198,14 +198,27 @@ class CrossProducts(NamedTuple):
 def cross_products(arrays: ModelArrays) -> CrossProducts:
     """The :class:`CrossProducts` of a one-factor model: one pass over the data."""
     w, X, Z = arrays.weights, arrays.X, arrays.Z
-    p, q = X.shape[1], Z.shape[1]
+    n_rows, p, q = X.shape[0], X.shape[1], Z.shape[1]
     y = arrays.y - arrays.offset
-    XX = small_einsum("np,nk->pk", X, w[:, None] * X)
-    beta_ls = _spd_solve(XX, small_einsum("np,n->p", X, w * y))
+    # X'WX, X'Wy, the number of weighted rows and sum log w as one sum over the rows: on small
+    # data each reduction is a kernel, and independent kernels ready at once are what makes
+    # XLA's runtime hand work to other threads.
+    used = w > 0
+    rows = jnp.concatenate(
+        [
+            ((w[:, None] * X)[:, :, None] * X[:, None, :]).reshape(n_rows, p * p),
+            (w * y)[:, None] * X,
+            used[:, None].astype(y.dtype),
+            jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0)[:, None],
+        ],
+        axis=1,
+    )
+    totals = jnp.sum(rows, axis=0)
+    XX, Xy = totals[: p * p].reshape(p, p), totals[p * p : p * p + p]
+    beta_ls = _spd_solve(XX, Xy)
     e = y - small_einsum("np,p->n", X, beta_ls)
     G = arrays.level_mask.shape[0]
     sums = _level_products(Z, jnp.concatenate([Z, X, e[:, None]], 1), w, arrays.group, G, True)
-    n, log_weights = _weighted_rows(w, y.dtype)
     return CrossProducts(
         sums[:, :, :q],
         sums[:, :, q : q + p],
@@ -213,8 +226,8 @@ def cross_products(arrays: ModelArrays) -> CrossProducts:
         XX,
         jnp.sum(w * e**2),
         beta_ls,
-        n,
-        log_weights,
+        totals[-2],
+        totals[-1],
     )
 
 
