@@ -272,8 +272,11 @@ def pls_from_cross_products(phi, cp: CrossProducts, mask, structure: ReStructure
     # [B_g | b_g]: the fixed effects' columns and the residual's, (G, Q, p + 1).
     Bb = small_einsum("jq,gjc->gqc", T, jnp.concatenate([cp.ZX, cp.Ze[:, :, None]], -1))
     solved, pivots = gauss_jordan(A, Bb)
-    # sum_g [B_g | b_g]' A_g^{-1} [B_g | b_g]: (p + 1, p + 1).
-    S = small_einsum("gqi,gqj->ij", Bb, solved)
+    # sum_g [B_g | b_g]' A_g^{-1} [B_g | b_g]: (p + 1, p + 1), summed over the Q rows of each
+    # block first (unrolled), then over the levels: XLA's CPU backend hands a product-and-sum
+    # of more than 4096 elements to a YNNPACK call with a transpose on each side (13 stencil
+    # points x 20 levels x 2 x 3 x 3 on sleepstudy), where this sum is one fused loop.
+    S = jnp.sum(sum(Bb[:, j, :, None] * solved[:, j, None, :] for j in range(q)), axis=0)
     RX2 = cp.XX - S[:p, :p]
     r = -S[:p, p]
     if p:
