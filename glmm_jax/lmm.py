@@ -266,7 +266,7 @@ def pls_from_cross_products(phi, cp: CrossProducts, mask, structure: ReStructure
     """
     T, _ = lambda_factors(phi, structure, mask)
     q, p = cp.ZX.shape[1], cp.ZX.shape[2]
-    A = small_einsum("ji,gjl->gil", T, small_einsum("gjk,kl->gjl", cp.S, T)) + jnp.eye(
+    A = small_einsum("ji,gjl->gil", T, small_einsum("gjk,kl->gjl", cp.S, T)) + np.eye(
         q, dtype=T.dtype
     )
     # [B_g | b_g]: the fixed effects' columns and the residual's, (G, Q, p + 1).
@@ -329,7 +329,7 @@ def value_gradient_hessian(f, x):
     """
     k = x.shape[0]
     h = float(np.finfo(x.dtype).eps ** 0.3)
-    steps = h * jnp.eye(k, dtype=x.dtype)
+    steps = h * np.eye(k, dtype=x.dtype)
     i, j = np.triu_indices(k, 1)
     pairs = steps[i] + steps[j]
     points = jnp.concatenate([x[None], x + steps, x - steps, x + pairs, x - pairs])
@@ -534,7 +534,7 @@ def _moment_phi(level_sums, s2, n, structure: ReStructure):
     spreads, noises, scales, enough = [], [], [], []
     for S, Ze in level_sums:
         q = S.shape[-1]
-        eye = jnp.broadcast_to(jnp.eye(q, dtype=dtype), S.shape)
+        eye = np.broadcast_to(np.eye(q, dtype=dtype), S.shape)
         # (Z_g' W Z_g)^{-1} [Z_g' W e_g | I]: a singular level's values are not finite, and
         # are left out by the mask.
         solved, pivots = gauss_jordan(S, jnp.concatenate([Ze[:, :, None], eye], -1))
@@ -561,7 +561,7 @@ def _moment_phi(level_sums, s2, n, structure: ReStructure):
 
         # Every eigenvalue above the floor (V - floor I positive definite: its pivots
         # positive), the usual case: V itself, without LAPACK's eigh (~4 us a call).
-        _, pivots = gauss_jordan(V - floor * jnp.eye(q, dtype=V.dtype), V[:, :0])
+        _, pivots = gauss_jordan(V - floor * np.eye(q, dtype=V.dtype), V[:, :0])
         return jax.lax.cond(jnp.all(pivots > 0), lambda: V, floored)
 
     # The noise in b_g is sigma^2 (Z_g' W Z_g)^{-1}, but the residual variance s2 also holds
@@ -707,7 +707,7 @@ def fit_lmm_arrays(
     x = jnp.concatenate([sol.beta, phi])
     grad = jnp.concatenate([jnp.zeros(p, dtype), g])
     # By elimination (LAPACK's Cholesky and two triangular solves would be three calls).
-    cov = gauss_jordan(sol.RX2, jnp.eye(p, dtype=dtype))[0]
+    cov = gauss_jordan(sol.RX2, np.eye(p, dtype=dtype))[0]
     return LmmOutput(x, sol.u, mask, v, grad, H, status, its_l, its_n, evals, sigma, cov)
 
 

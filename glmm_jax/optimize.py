@@ -229,7 +229,7 @@ def _newton_direction(H, g):
     n = H.shape[0]
     if n > UNROLL_MAX:
         return by_eigh()
-    X, pivots = gauss_jordan(H, jnp.concatenate([jnp.eye(n, dtype=H.dtype), g[:, None]], 1))
+    X, pivots = gauss_jordan(H, jnp.concatenate([np.eye(n, dtype=H.dtype), g[:, None]], 1))
     H_inv = X[:, :n]
     bound = 1.0 / jnp.sqrt(jnp.sum(H_inv**2))
     safe = (
@@ -391,7 +391,7 @@ def _minimize(
         else:
             updates, opt_state = opt.update(g, state.opt_state, x)
             d_lbfgs = jnp.where(jnp.dot(g, updates) > 0, -updates, -g)
-        d_newton, positive = _newton_direction(jnp.where(both, H, jnp.eye(n, dtype=H.dtype)), g)
+        d_newton, positive = _newton_direction(jnp.where(both, H, np.eye(n, dtype=H.dtype)), g)
         d = jnp.where(free, jnp.where(newton, d_newton, d_lbfgs), 0.0)
         # A step may change a log standard deviation by at most max_log_step: far from the
         # optimum a Newton step can otherwise jump a variance to near zero, where the boundary
@@ -701,7 +701,7 @@ def fit_stages_joint(
     watch = jnp.concatenate([jnp.zeros(p, bool), diag])
     log_zero = jnp.log(control.singular_tol)
     log_boundary = jnp.log(control.boundary_theta)
-    eye = jnp.eye(n, dtype=dtype)
+    eye = np.eye(n, dtype=dtype)
 
     def pack(v, x, g, H):
         return jnp.concatenate([jnp.reshape(v, (1,)), x, g, H.reshape(-1)])
