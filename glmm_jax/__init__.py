@@ -6,7 +6,7 @@
 """
 
 from . import datasets
-from ._config import enable_compilation_cache
+from ._config import enable_compilation_cache, prefer_synchronous_cpu_dispatch
 from .batch import BatchResult, fit_batch, fit_batch_design
 from .bootstrap import BootstrapResult, bootstrap
 from .design import DataError, build_design
@@ -20,6 +20,11 @@ from .power import PowerResult, power
 from .results import ConvergenceWarning, FitInfo, GLMMResult, LMMResult, SingularFitWarning
 from .separation import SeparationWarning
 from .simulate import simulate_responses
+
+# Importing the modules above starts no JAX backend, so this still decides: a small fit's two
+# thread hand-offs cost more than the fit (see _config.prefer_synchronous_cpu_dispatch;
+# GLMM_JAX_SYNC_DISPATCH=0 keeps JAX's asynchronous default).
+prefer_synchronous_cpu_dispatch()
 
 __version__ = "0.1.0"
 
@@ -65,5 +70,6 @@ __all__ = [
     "SingularFitWarning",
     "SeparationWarning",
     "enable_compilation_cache",
+    "prefer_synchronous_cpu_dispatch",
     "datasets",
 ]

@@ -114,6 +114,37 @@ def test_float64_by_default_without_touching_global_flag(seed_fit):
     assert seed_fit._design.arrays.X.dtype == np.float64
 
 
+@pytest.mark.parametrize(
+    "setup, env, synchronous",
+    [
+        ("", {}, True),  # imported first: synchronous
+        ("", {"GLMM_JAX_SYNC_DISPATCH": "0"}, False),  # the user keeps JAX's default
+        ("import jax.numpy as jnp; jnp.ones(1)\n", {}, False),  # JAX started first: untouched
+    ],
+)
+def test_import_makes_cpu_dispatch_synchronous_while_that_is_still_open(setup, env, synchronous):
+    """Importing glmm_jax turns JAX's asynchronous CPU dispatch off unless JAX has already
+    started (then nothing changes, without error) or GLMM_JAX_SYNC_DISPATCH=0; fits agree."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = setup + (
+        "import json, jax, glmm_jax as gj\n"
+        "m = gj.lmer('Reaction ~ Days + (Days | Subject)', gj.datasets.load_sleepstudy())\n"
+        "print(json.dumps([jax.config.values['jax_cpu_enable_async_dispatch'], m.deviance]))\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "GLMM_JAX_SYNC_DISPATCH"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], env={**environment, **env}, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    asynchronous, deviance = json.loads(run.stdout.strip().splitlines()[-1])
+    assert asynchronous is not synchronous
+    assert deviance == pytest.approx(1743.6282719585, abs=1e-6)
+
+
 def test_float32_option_close_to_float64(exam, seed_fit):
     m32 = gj.glmer("success ~ schavg + (1 | school)", exam, dtype="float32")
     assert m32._design.arrays.X.dtype == np.float32
