@@ -635,14 +635,15 @@ def fit_lmm_arrays(
     """Fit a linear mixed model to its arrays: the pure, compiled, batchable core of ``lmer``.
 
     ``phi0`` starts the optimisation (``None``: :func:`moment_start`).
-    The same optimiser and boundary stage as the GLMM fit run over ``phi`` alone, Newton from
-    the start. With one grouping factor (and at most :data:`STENCIL_MAX_THETA` entries in
-    ``theta``) the criterion comes from :func:`cross_products` computed once, and every
+    Newton steps from the start over ``phi`` alone, with the GLMM fit's line search and
+    boundary stage. With one grouping factor (and at most :data:`STENCIL_MAX_THETA` entries
+    in ``theta``) the criterion comes from :func:`cross_products` computed once, and every
     evaluation is a stencil of its values whose differences give the gradient and Hessian
-    (:func:`value_gradient_hessian`), carried from the line search's accepted point to the
-    next Newton step; otherwise each evaluation is a PLS solve over the data (:func:`pls`),
-    the gradient comes from :func:`envelope_deviance` and the Hessian is the average
-    information.
+    (:func:`value_gradient_hessian`), so the line search's accepted point brings the next
+    step's derivatives (:func:`optimize.fit_stages_joint`, one evaluation per iteration);
+    otherwise the GLMM fit's optimiser runs (:func:`optimize.fit_stages`), each evaluation a
+    PLS solve over the data (:func:`pls`), the gradient from :func:`envelope_deviance` and the
+    Hessian the average information.
     """
     control = Control() if control is None else control
     if control.lbfgs_maxiter is None:
