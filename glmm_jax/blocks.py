@@ -99,8 +99,15 @@ def gauss_jordan(A: jnp.ndarray, B: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarr
     parameters costs ~7 kernels, and a cross-product criterion's ``2 x 2`` blocks a few,
     where the unrolled Cholesky factor and its solves (:func:`chol`, :func:`tri_solve`) are a
     kernel per few scalars (each square root and division that several entries use is one).
+    Above :data:`UNROLL_MAX` (many fixed effects) LAPACK's Cholesky does it instead: the same
+    pivots (the squared diagonal of the factor), not finite where ``A`` is not positive
+    definite.
     """
     n = A.shape[-1]
+    if n > UNROLL_MAX:
+        L = jnp.linalg.cholesky(A)
+        Y = solve_triangular(L, B, lower=True)
+        return solve_triangular(L, Y, lower=True, trans=1), jnp.diagonal(L, 0, -2, -1) ** 2
     M = jnp.concatenate([A, B], axis=-1)
     rows = np.arange(n)[:, None]
     pivots = []

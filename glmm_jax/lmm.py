@@ -534,7 +534,7 @@ def _moment_phi(level_sums, s2, n, structure: ReStructure):
     spreads, noises, scales, enough = [], [], [], []
     for S, Ze in level_sums:
         q = S.shape[-1]
-        eye = np.broadcast_to(np.eye(q, dtype=dtype), S.shape)
+        eye = jnp.broadcast_to(np.eye(q, dtype=dtype), S.shape)
         # (Z_g' W Z_g)^{-1} [Z_g' W e_g | I]: a singular level's values are not finite, and
         # are left out by the mask.
         solved, pivots = gauss_jordan(S, jnp.concatenate([Ze[:, :, None], eye], -1))
