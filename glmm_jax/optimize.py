@@ -317,6 +317,33 @@ def _symmetric_free(H, both):
     return jnp.where(both, 0.5 * (H + H.T), 0.0)
 
 
+def _limit_log_step(d, watch, free, control: Control):
+    """``d`` shortened so that no log standard deviation changes by more than
+    ``max_log_step``: far from the optimum a Newton step can otherwise jump a variance to near
+    zero, where the boundary stage would take over from a point that is not the interior
+    optimum."""
+    longest = jnp.max(jnp.where(watch & free, jnp.abs(d), 0.0))
+    return d * jnp.minimum(1.0, control.max_log_step / jnp.maximum(longest, 1e-300))
+
+
+def _newton_tolerance(v, control: Control):
+    """The Newton decrement below which a fit has converged: ``newton_tol``, but no tolerance
+    below the rounding of the deviance ``v`` itself (it matters in float32)."""
+    return jnp.maximum(control.newton_tol, 10 * jnp.finfo(v.dtype).eps * (1.0 + jnp.abs(v)))
+
+
+def _final_status(status, g, control: Control):
+    """The status reported for a fit's chosen stage: a failed line search with a gradient
+    below ``gradient_tol`` is rounding at the optimum (converged); an interior fit stopped at
+    the boundary that the boundary stage could not improve on hit its limit."""
+    status = jnp.where(
+        (status == Status.LINESEARCH) & (jnp.max(jnp.abs(g)) < control.gradient_tol),
+        Status.CONVERGED,
+        status,
+    )
+    return jnp.where(status == _BOUNDARY, Status.MAXITER, status)
+
+
 def _minimize(
     value, dev_and_grad, x0, u0, free, watch, allow_lbfgs, skip, control: Control, hessian=None
 ):
@@ -393,16 +420,9 @@ def _minimize(
             d_lbfgs = jnp.where(jnp.dot(g, updates) > 0, -updates, -g)
         d_newton, positive = _newton_direction(jnp.where(both, H, np.eye(n, dtype=H.dtype)), g)
         d = jnp.where(free, jnp.where(newton, d_newton, d_lbfgs), 0.0)
-        # A step may change a log standard deviation by at most max_log_step: far from the
-        # optimum a Newton step can otherwise jump a variance to near zero, where the boundary
-        # stage would take over from a point that is not the interior optimum.
-        longest = jnp.max(jnp.where(watch & free, jnp.abs(d), 0.0))
-        d = d * jnp.minimum(1.0, control.max_log_step / jnp.maximum(longest, 1e-300))
-
+        d = _limit_log_step(d, watch, free, control)
         decrement = -jnp.dot(g, d)
-        # No tolerance below the rounding of the deviance itself (it matters in float32).
-        tol = jnp.maximum(control.newton_tol, 10 * jnp.finfo(x.dtype).eps * (1.0 + jnp.abs(v)))
-        converged = (exact | (approximate & newton)) & (decrement < tol)
+        converged = (exact | (approximate & newton)) & (decrement < _newton_tolerance(v, control))
         # A converged step needs no line search (under vmap both branches run, harmlessly).
         alpha, v_new, u_new, accepted, k = jax.lax.cond(
             converged,
@@ -632,12 +652,7 @@ def fit_stages(objective, x0, u_zero, p: int, structure: ReStructure, control: C
     mask, x, u, v, g, H, status = jax.tree_util.tree_map(
         lambda a: a[pick], (masks, xs, us, vs, gs, Hs, statuses)
     )
-    g_max = jnp.max(jnp.abs(g))
-    status = jnp.where(
-        (status == Status.LINESEARCH) & (g_max < control.gradient_tol), Status.CONVERGED, status
-    )
-    # An interior fit stopped at the boundary that the boundary stage could not improve on.
-    status = jnp.where(status == _BOUNDARY, Status.MAXITER, status)
+    status = _final_status(status, g, control)
     its = (its_l[0] + its_l[1], its_n[0] + its_n[1], jnp.sum(evals))
     return (mask, x, u, v, g, H, status, *its)
 
@@ -735,16 +750,18 @@ def fit_stages_joint(
         point = jnp.where(extending, best, point)
         v, x, g, H = unpack(point)
         d, _ = _newton_direction(jnp.where(both, H.reshape(n, n), eye), g)
-        d = jnp.where(free, d, 0.0)
-        longest = jnp.max(jnp.where(watch & free, jnp.abs(d), 0.0))
-        d = d * jnp.minimum(1.0, control.max_log_step / jnp.maximum(longest, 1e-300))
-        tol = jnp.maximum(control.newton_tol, 10 * jnp.finfo(dtype).eps * (1.0 + jnp.abs(v)))
+        d = _limit_log_step(jnp.where(free, d, 0.0), watch, free, control)
         # As _minimize: a move that takes a variance below singular_tol ends the stage (the
         # boundary stage fits it), as does the iteration limit; then the new point's tests.
         sliding = ~start & jnp.any(watch & free & (x < log_zero))
         limit = stage_its >= control.newton_maxiter
         status = jnp.select(
-            [sliding, limit, ~jnp.all(jnp.isfinite(point)), -jnp.dot(g, d) < tol],
+            [
+                sliding,
+                limit,
+                ~jnp.all(jnp.isfinite(point)),
+                -jnp.dot(g, d) < _newton_tolerance(v, control),
+            ],
             [_BOUNDARY, Status.MAXITER, Status.NONFINITE, Status.CONVERGED],
             _RUNNING,
         )
@@ -805,11 +822,7 @@ def fit_stages_joint(
     mask = jnp.where(use_boundary, s.mask, first_mask)
     v, x, g, H = unpack(jnp.where(use_boundary, s.base[:m], first_point))
     H = H.reshape(n, n)
-    status = jnp.where(use_boundary, status, s.first[-1].astype(jnp.int32))
-    status = jnp.where(
-        (status == Status.LINESEARCH) & (jnp.max(jnp.abs(g)) < control.gradient_tol),
-        Status.CONVERGED,
-        status,
+    status = _final_status(
+        jnp.where(use_boundary, status, s.first[-1].astype(jnp.int32)), g, control
     )
-    status = jnp.where(status == _BOUNDARY, Status.MAXITER, status)
     return (mask, x, (v, g, H), v, g, H, status, jnp.int32(0), newton_its, evaluations)
