@@ -130,9 +130,15 @@ def pls(phi, arrays: ModelArrays, mask, structure: ReStructure, differentiable=T
 def _weighted_rows(w, dtype):
     """``(n, sum log w)`` over the rows of positive weight (padding has weight 0); ``n`` in
     ``dtype``."""
+    used, log_w = _row_weight_terms(w, dtype)
+    return jnp.sum(used), jnp.sum(log_w)
+
+
+def _row_weight_terms(w, dtype):
+    """Per row, what :func:`_weighted_rows` sums: 1 for a row of positive weight, 0 for
+    padding (in ``dtype``), and ``log w`` there (0 for padding)."""
     used = w > 0
-    n = jnp.sum(used).astype(dtype)
-    return n, jnp.sum(jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0))
+    return used.astype(dtype), jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0)
 
 
 def _pls_columns(F, ZT, ZTr, Y, arrays: ModelArrays, structure: ReStructure):
@@ -203,13 +209,13 @@ def cross_products(arrays: ModelArrays) -> CrossProducts:
     # X'WX, X'Wy, the number of weighted rows and sum log w as one sum over the rows: on small
     # data each reduction is a kernel, and independent kernels ready at once are what makes
     # XLA's runtime hand work to other threads.
-    used = w > 0
+    used, log_w = _row_weight_terms(w, y.dtype)
     rows = jnp.concatenate(
         [
             ((w[:, None] * X)[:, :, None] * X[:, None, :]).reshape(n_rows, p * p),
             (w * y)[:, None] * X,
-            used[:, None].astype(y.dtype),
-            jnp.where(used, jnp.log(jnp.where(used, w, 1.0)), 0.0)[:, None],
+            used[:, None],
+            log_w[:, None],
         ],
         axis=1,
     )
