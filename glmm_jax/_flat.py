@@ -1,19 +1,26 @@
-"""jit with the output returned as one flat array, for small fits where each buffer counts.
+"""jit with the inputs passed and the output returned as flat arrays, for small fits where each
+buffer counts.
 
-A compiled fit returns a PyTree of a dozen arrays (``LmmOutput``, ``FitOutput``). Each output
-leaf is a buffer of its own that the runtime allocates, that ``block_until_ready`` waits on and
-that numpy then converts: ~3 us per leaf, ~40 us of a 250 us sleepstudy ``lmer`` call. Here the
-compiled program concatenates the leaves into one array (in the float type of the fit: the
-integer counters and flags it carries are exact there) and the caller cuts numpy views of it.
+A compiled fit takes a PyTree of arrays (``ModelArrays``: half a dozen to a dozen and a half
+leaves) and returns another (``LmmOutput``, ``FitOutput``: a dozen). jit's dispatch costs ~2 us
+for each input leaf it transfers, and each output leaf is a buffer of its own that the runtime
+allocates, that ``block_until_ready`` waits on and that numpy then converts (~3 us a leaf):
+together more than a third of a ~0.3 ms sleepstudy ``lmer`` call. Here the caller packs the
+input leaves into one numpy array per dtype, the compiled program cuts them out again (slices
+of a parameter cost nothing there) and concatenates its output leaves into one array (in the
+float type of the fit: the integer counters and flags it carries are exact there), and the
+caller cuts numpy views of it.
 
-The output's layout (tree structure, shapes, dtypes) is what tracing finds; it is recorded by
-the traced function itself, keyed by the same signature as jit's cache (static arguments,
-input tree, shapes and dtypes), so a call finds the layout of the program it ran. Should a
-layout ever be missing, the caller runs the plain program instead.
+Both layouts (tree structures, shapes, dtypes) are kept per call signature (static arguments,
+input tree, shapes and dtypes): the input's is found before the call and passed to the program
+as a static number, so jit compiles one program per signature as before; the output's is
+recorded by the traced function itself. Should an output layout ever be missing, the caller
+runs the plain program instead.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -24,15 +31,63 @@ import numpy as np
 __all__ = ["FlatJit"]
 
 
-def _signature(args: tuple, static: dict) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    shapes = tuple((tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in leaves)
-    return treedef, shapes, tuple(sorted(static.items()))
+def _pieces(leaves, flat_dtype) -> tuple:
+    """For each leaf: its slice of the flat array, the shape to give it (``None``: the slice
+    has it, a vector) and the dtype to cast it to (``None``: the flat array's). Worked out
+    once per signature, so that a call only slices: ~0.3 us a leaf, where finding sizes and
+    casting every leaf cost ~1 us."""
+    pieces, start = [], 0
+    for leaf in leaves:
+        shape, size = tuple(leaf.shape), math.prod(leaf.shape)
+        dtype = np.dtype(leaf.dtype)
+        pieces.append(
+            (
+                slice(start, start + size),
+                None if len(shape) == 1 else shape,
+                None if dtype == flat_dtype else dtype,
+            )
+        )
+        start += size
+    return tuple(pieces)
+
+
+class _InputLayout:
+    """How a signature's input leaves are packed: one flat array per dtype (in order of first
+    appearance), and for each leaf which array and which slice of it."""
+
+    def __init__(self, leaves, treedef):
+        self.treedef = treedef
+        self.dtypes = tuple(dict.fromkeys(np.dtype(leaf.dtype) for leaf in leaves))
+        self.groups = tuple(
+            [i for i, leaf in enumerate(leaves) if np.dtype(leaf.dtype) == dt] for dt in self.dtypes
+        )
+        self.where: list = [None] * len(leaves)
+        for k, group in enumerate(self.groups):
+            start = 0
+            for i in group:
+                shape = tuple(leaves[i].shape)
+                self.where[i] = (k, slice(start, start + math.prod(shape)), shape)
+                start += math.prod(shape)
+
+    def pack(self, leaves) -> list[np.ndarray]:
+        """One numpy array per dtype (``np.concatenate`` of the raveled leaves)."""
+        return [
+            np.concatenate([leaves[i].reshape(-1) for i in group])
+            if len(group) > 1
+            # np.ravel of a contiguous array is a view: no copy for a lone leaf.
+            else np.ravel(leaves[group[0]])
+            for group in self.groups
+        ]
+
+    def unpack(self, flats):
+        """The input PyTree cut out of the flat arrays (inside the traced program)."""
+        leaves = [flats[k][where].reshape(shape) for k, where, shape in self.where]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
 class FlatJit:
-    """``fn`` jitted to return its output as one flat array; ``plain`` is ``jax.jit(fn)``
-    (compiled only if called: directly, or as the fallback).
+    """``fn`` jitted to take its inputs and return its output as flat arrays; ``plain`` is
+    ``jax.jit(fn)`` (compiled only if called: directly, or as the fallback).
 
     Parameters
     ----------
@@ -47,30 +102,47 @@ class FlatJit:
 
     def __init__(self, fn: Callable, static_argnames: tuple[str, ...], float_dtype: Callable):
         self.plain = jax.jit(fn, static_argnames=static_argnames)
+        # signature -> (number, input layout); number -> output layout (treedef, pieces).
+        self._inputs: dict = {}
         self._layouts: dict = {}
+        self._numbers = itertools.count()
 
-        def flat(*args, **static):
+        def flat(*flats, layout: int, **static):
+            args = self._input_layouts[layout].unpack(flats)
             out = fn(*args, **static)
             leaves, treedef = jax.tree_util.tree_flatten(out)
-            specs = tuple((tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in leaves)
-            self._layouts[_signature(args, static)] = (treedef, specs)
-            dtype = float_dtype(*args)
+            dtype = np.dtype(float_dtype(*args))
+            self._layouts[layout] = (treedef, _pieces(leaves, dtype))
             return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
 
-        self._flat = jax.jit(flat, static_argnames=static_argnames)
+        self._input_layouts: dict = {}
+        self._flat = jax.jit(flat, static_argnames=("layout", *static_argnames))
+
+    def _input(self, args: tuple, static: dict) -> tuple[int, _InputLayout, list]:
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        key = (
+            treedef,
+            tuple((leaf.shape, leaf.dtype) for leaf in leaves),
+            tuple(sorted(static.items())),
+        )
+        entry = self._inputs.get(key)
+        if entry is None:
+            entry = self._inputs[key] = (next(self._numbers), _InputLayout(leaves, treedef))
+            self._input_layouts[entry[0]] = entry[1]
+        return entry[0], entry[1], leaves
 
     def __call__(self, *args, **static):
         """``fn(*args, **static)`` with its leaves as numpy arrays (the call waits for them)."""
-        flat = np.asarray(self._flat(*args, **static))
-        layout = self._layouts.get(_signature(args, static))
-        if layout is None:
+        number, layout, leaves = self._input(args, static)
+        flat = np.asarray(self._flat(*layout.pack(leaves), layout=number, **static))
+        output = self._layouts.get(number)
+        if output is None:
             return jax.tree_util.tree_map(np.asarray, self.plain(*args, **static))
-        treedef, specs = layout
-        leaves, start = [], 0
-        for shape, dtype in specs:
-            size = math.prod(shape)
-            leaves.append(flat[start : start + size].reshape(shape).astype(dtype, copy=False))
-            start += size
+        treedef, pieces = output
+        leaves = []
+        for where, shape, cast in pieces:
+            leaf = flat[where] if shape is None else flat[where].reshape(shape)
+            leaves.append(leaf if cast is None else leaf.astype(cast))
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
     def cache_size(self) -> int:

@@ -305,6 +305,44 @@ def test_flat_output_call_equals_plain_jit(exam):
     assert int(flat.newton_iterations) > 0 and flat.status.dtype.kind == "i"
 
 
+def test_flat_jit_packs_inputs_of_several_dtypes_and_shapes():
+    """``FlatJit`` packs its inputs into one array per dtype and cuts them out again in the
+    program: values, zero-size leaves, ``None`` and integer leaves come through unchanged, and
+    one program is compiled per signature."""
+    from glmm_jax._flat import FlatJit
+
+    def fn(tree, scale, *, power):
+        a, (b, empty), codes = tree
+        return {
+            "sum": a.sum(axis=1) * scale + b,
+            "count": jnp.sum(codes >= 0).astype(jnp.int32),
+            "empty": empty * 2.0,
+            "codes": codes**power,
+        }
+
+    flat = FlatJit(fn, ("power",), lambda tree, scale: tree[0].dtype)
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        for n in (3, 5, 3):
+            tree = (
+                rng.normal(size=(n, 2)),
+                (rng.normal(size=n), np.zeros((n, 0))),
+                np.arange(n, dtype=np.int32) - 1,
+            )
+            got = flat(tree, np.float64(1.5), power=2)
+            want = jax.tree_util.tree_map(np.asarray, flat.plain(tree, np.float64(1.5), power=2))
+            assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+            leaves = zip(
+                jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True
+            )
+            for g, w in leaves:
+                assert g.dtype == w.dtype and g.shape == w.shape
+                np.testing.assert_array_equal(g, w)
+            # The caller's arrays are left as they were (packing copies, never writes).
+            np.testing.assert_array_equal(tree[2], np.arange(n, dtype=np.int32) - 1)
+        assert flat.cache_size() == 2
+
+
 @pytest.mark.parametrize(
     "subscripts, shape_a, shape_b",
     [
