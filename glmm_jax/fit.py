@@ -102,9 +102,9 @@ def _warn_about(result: GLMMResult) -> None:
             ConvergenceWarning,
             stacklevel=4,
         )
-    variances = np.diag(result._cov_beta)
+    variances = result._cov_beta.diagonal()
     unavailable = ~(np.isfinite(variances) & (variances >= 0))
-    if result.converged and np.any(unavailable):
+    if result.converged and unavailable.any():
         names = [n for n, bad in zip(result._design.fixef_names, unavailable, strict=True) if bad]
         warnings.warn(
             "the Hessian of the deviance at the optimum is singular, so the standard errors of "

@@ -124,8 +124,13 @@ class ReStructure:
 
         numpy in, numpy out; otherwise ``jax.numpy``.
         """
-        xp = np if isinstance(phi, np.ndarray) else jnp
         diag = self.diagonal
+        if isinstance(phi, np.ndarray):
+            # In place on a copy: each np.where is ~1.5 us of a ~20 us result construction.
+            theta = phi.copy()
+            theta[diag] = np.exp(phi[diag]) if mask is None else np.exp(phi[diag]) * mask[diag]
+            return theta
+        xp = jnp
         theta = xp.where(diag, xp.exp(xp.where(diag, phi, 0.0)), phi)
         if mask is not None:
             theta = xp.where(diag, theta * mask, theta)
