@@ -7,7 +7,6 @@ inside :func:`precision`, a context that turns 64-bit types on for that call onl
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -33,15 +32,24 @@ def resolve_dtype(dtype) -> np.dtype:
     return dt
 
 
-@contextlib.contextmanager
-def precision():
-    """Run the enclosed JAX work with 64-bit types enabled (needed for float64 fits).
+class precision:
+    """Run the enclosed JAX work with 64-bit types enabled (needed for float64 fits):
+    ``with precision(): ...``.
 
     float32 fits run inside it too: their arrays are float32, so the arithmetic is float32.
+    (A class rather than a generator context: ~0.5 us a use instead of ~2, on every fit.)
     """
-    enable_compilation_cache()
-    with jax.enable_x64(True):
-        yield
+
+    __slots__ = ("_x64",)
+
+    def __enter__(self) -> None:
+        if not _CACHE_STATE["configured"]:
+            enable_compilation_cache()
+        self._x64 = jax.enable_x64(True)
+        self._x64.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._x64.__exit__(*exc)
 
 
 def default_cache_dir() -> Path:

@@ -143,7 +143,8 @@ def _evaluate(expr: str, data: pd.DataFrame, what: str) -> np.ndarray:
 
 
 def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, pd.Index]:
-    """Integer codes and level labels of a grouping factor (an interaction if several columns).
+    """Integer codes and level labels of a grouping factor (an interaction if several columns)
+    on complete rows (no missing values in ``group``'s columns).
 
     Levels keep a Categorical's order (else sorted, as R's ``factor``); unused levels are dropped.
     """
@@ -153,14 +154,14 @@ def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarra
         if isinstance(s.dtype, pd.CategoricalDtype):
             c = s.array
             # Dropping unused levels copies; skip it when every level occurs (the usual case).
-            codes = np.asarray(c.codes)
-            if not np.all(np.bincount(codes[codes >= 0], minlength=len(c.categories))):
+            # The rows are complete here (no code -1), so the codes count as they are.
+            if not np.bincount(c.codes, minlength=len(c.categories)).all():
                 c = c.remove_unused_categories()
         else:
             c = pd.Categorical(s)
         cats.append(c)
     if len(cats) == 1:
-        codes = np.asarray(cats[0].codes, dtype=np.int64)
+        codes = cats[0].codes.astype(np.int64)
         labels = cats[0].categories.rename(group[0])
     else:
         # Interaction a:b: codes in the order of (a, b), labels "a:b" as lme4 writes them.
