@@ -102,9 +102,12 @@ def _warn_about(result: GLMMResult) -> None:
             ConvergenceWarning,
             stacklevel=4,
         )
-    variances = result._cov_beta.diagonal()
-    unavailable = ~(np.isfinite(variances) & (variances >= 0))
-    if result.converged and unavailable.any():
+    if not result.converged:
+        return
+    variances = result._fixef_variances()
+    # NaN fails both comparisons: one test for "finite and non-negative".
+    if not (0.0 <= variances.min(initial=0.0) and variances.max(initial=0.0) < np.inf):
+        unavailable = ~(np.isfinite(variances) & (variances >= 0))
         names = [n for n, bad in zip(result._design.fixef_names, unavailable, strict=True) if bad]
         warnings.warn(
             "the Hessian of the deviance at the optimum is singular, so the standard errors of "

@@ -142,28 +142,25 @@ class GLMMResult:
         self._design = design
         self._out = out
         self._control = control
+        self._seconds = seconds
         self.formula = design.spec.formula
         self.family = design.family
         self.data_name = data_name
         structure = design.structure
         p = design.p
         self.nobs = design.nobs
-        self.ngroups = {f: len(lv) for f, lv in design.levels.items()}
 
         x = out.x
         k = self._dispersion_slots()
-        gamma, phi = x[:p], x[p + k :]
-        mask = out.mask
-        theta = np.asarray(structure.theta_from_phi(phi, mask))
+        # lme4's theta, from the fit's unconstrained phi (fixed-effects and dispersion first).
+        theta = structure.theta_from_phi(x[p + k :], out.mask)
         self.theta = theta * design.theta_scale
         #: The dispersion (``sigma^2`` of a gaussian, ``1 / shape`` of a Gamma); 1 for the
         #: binomial and Poisson.
-        self.dispersion = float(np.exp(x[p])) if k else 1.0
+        self.dispersion = math.exp(x[p]) if k else 1.0
         if self.family.size_in_trials:
             #: The negative binomial's size (lme4's ``glmer.nb`` theta).
             self.nb_size = self.dispersion
-        self._beta = design.M @ gamma
-        self._cov_beta = self._fixef_covariance(out)
 
         self.deviance = float(out.deviance)
         self.loglik = -0.5 * self.deviance
@@ -172,24 +169,47 @@ class GLMMResult:
         self.bic = self.deviance + self.df * math.log(self.nobs)
         self.df_resid = self.nobs - self.df
 
-        diag = structure.diagonal
         # Judged on the fit's scale, where every random-effect column has unit size.
-        # Array methods, not np.any/np.max: their function dispatch is ~1-2 us a call.
-        self.singular = bool((theta[diag] < control.singular_tol).any())
-        status = int(out.status)
-        self.converged = status == Status.CONVERGED
+        # (Array methods, not np.any: the function's dispatch is ~1-2 us a call. What the
+        # fit's warnings do not need is worked out on first use: fit_info, fixef, vcov.)
+        self.singular = bool((theta[structure.diagonal] < control.singular_tol).any())
+        self._status = int(out.status)
+        self.converged = self._status == Status.CONVERGED
+
+    @functools.cached_property
+    def ngroups(self) -> dict[str, int]:
+        """Grouping factor -> number of levels."""
+        return {f: len(lv) for f, lv in self._design.levels.items()}
+
+    @functools.cached_property
+    def fit_info(self) -> FitInfo:
+        """How the optimisation went (:class:`FitInfo`)."""
+        out, p, k = self._out, self._design.p, self._dispersion_slots()
         # The gradient over the free parameters: dropped variances (mask 0) do not count.
         g = np.abs(out.grad)
-        g[p + k :][mask <= 0] = 0.0
-        self.fit_info = FitInfo(
+        g[p + k :][out.mask <= 0] = 0.0
+        return FitInfo(
             converged=self.converged,
-            status=Status.names.get(status, str(status)),
+            status=Status.names.get(self._status, str(self._status)),
             lbfgs_iterations=int(out.lbfgs_iterations),
             newton_iterations=int(out.newton_iterations),
             evaluations=int(out.evaluations),
             gradient_norm=float(g.max()) if g.size else 0.0,
-            seconds=seconds,
+            seconds=self._seconds,
         )
+
+    @functools.cached_property
+    def _beta(self) -> np.ndarray:
+        """The fixed effects on the user's scale (the fit's are of the preconditioned X M)."""
+        return self._design.M @ self._out.x[: self._design.p]
+
+    @functools.cached_property
+    def _cov_beta(self) -> np.ndarray:
+        return self._fixef_covariance(self._out)
+
+    def _fixef_variances(self) -> np.ndarray:
+        """The diagonal of ``vcov`` (for the fit's check that it is available)."""
+        return self._cov_beta.diagonal()
 
     def _dispersion_slots(self) -> int:
         """1 where ``x`` carries a log dispersion after ``beta`` (see ``optimize.fit_arrays``)."""
@@ -723,6 +743,11 @@ class LMMResult(GLMMResult):
     def _fixef_covariance(self, out) -> np.ndarray:
         M = self._design.M
         return self._sigma**2 * (M @ out.cov_unscaled @ M.T)
+
+    def _fixef_variances(self) -> np.ndarray:
+        # The diagonal alone, in one call: vcov itself is built on first use.
+        M = self._design.M
+        return self._sigma**2 * np.einsum("ij,jk,ik->i", M, self._out.cov_unscaled, M)
 
     @property
     def _scale(self) -> float:
