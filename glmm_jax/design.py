@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import warnings
 
@@ -245,7 +246,8 @@ class Design:
     def logdet_M(self) -> float:
         """``log |det M|``: ``M`` is triangular (the inverse of a QR factor, see
         :func:`_preconditioner`), so the sum of the logs of its diagonal."""
-        return float(np.sum(np.log(np.abs(np.diagonal(self.M)))))
+        # In Python over the p entries: numpy's four calls cost ~4 us on every lmer fit.
+        return sum(math.log(abs(m)) for m in self.M.diagonal().tolist())
 
     @functools.cached_property
     def theta_scale(self) -> np.ndarray:

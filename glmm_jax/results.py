@@ -152,9 +152,6 @@ class GLMMResult:
 
         x = out.x
         k = self._dispersion_slots()
-        # lme4's theta, from the fit's unconstrained phi (fixed-effects and dispersion first).
-        theta = structure.theta_from_phi(x[p + k :], out.mask)
-        self.theta = theta * design.theta_scale
         #: The dispersion (``sigma^2`` of a gaussian, ``1 / shape`` of a Gamma); 1 for the
         #: binomial and Poisson.
         self.dispersion = math.exp(x[p]) if k else 1.0
@@ -169,12 +166,28 @@ class GLMMResult:
         self.bic = self.deviance + self.df * math.log(self.nobs)
         self.df_resid = self.nobs - self.df
 
-        # Judged on the fit's scale, where every random-effect column has unit size.
-        # (Array methods, not np.any: the function's dispatch is ~1-2 us a call. What the
-        # fit's warnings do not need is worked out on first use: fit_info, fixef, vcov.)
-        self.singular = bool((theta[structure.diagonal] < control.singular_tol).any())
+        # A diagonal theta entry below singular_tol on the fit's scale (where every
+        # random-effect column has unit size): exp(phi) < tol, or dropped by the boundary stage
+        # (mask 0). In Python over the few entries: numpy's calls on tiny arrays cost ~1-2 us
+        # each here. What the fit's warnings do not need is worked out on first use: theta,
+        # fit_info, fixef, vcov.
+        log_tol = math.log(control.singular_tol)
+        self.singular = any(
+            m <= 0.0 or v < log_tol
+            for v, m, d in zip(
+                x[p + k :].tolist(), out.mask.tolist(), structure.diagonal.tolist(), strict=True
+            )
+            if d
+        )
         self._status = int(out.status)
         self.converged = self._status == Status.CONVERGED
+
+    @functools.cached_property
+    def theta(self) -> np.ndarray:
+        """lme4's relative covariance factor parameters (``getME(m, "theta")``)."""
+        d, out = self._design, self._out
+        phi = out.x[d.p + self._dispersion_slots() :]
+        return d.structure.theta_from_phi(phi, out.mask) * d.theta_scale
 
     @functools.cached_property
     def ngroups(self) -> dict[str, int]:
