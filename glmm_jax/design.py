@@ -355,9 +355,15 @@ def _drop_aliased(X: np.ndarray, names: list[str]):
     R = _qr_r(X)
     # The rank test is that of the columns scaled to unit length, X / s = Q (R / s): the norms
     # of R's columns are X's (no pass over the rows for them).
-    scale = np.sqrt(np.einsum("ij,ij->j", R, R))
-    d = np.abs(np.diagonal(R)) / np.where(scale > 0, scale, 1.0)
-    keep = np.flatnonzero(d > 1e-7 * max(d.max(), 1e-300))
+    # (In Python over the p columns: the array calls cost ~1 us each on a small design.)
+    # With fewer rows than columns R has min(n, p) rows: the columns past them are dependent.
+    squares = np.einsum("ij,ij->j", R, R).tolist()
+    diagonal = R.diagonal().tolist()
+    d = [
+        abs(r) / math.sqrt(s) if s > 0 else abs(r) for r, s in zip(diagonal, squares, strict=False)
+    ]
+    d_max = max(max(d, default=0.0), 1e-300)
+    keep = [j for j, dj in enumerate(d) if dj > 1e-7 * d_max]
     if len(keep) == X.shape[1]:
         return X, names, [], R
     dropped = [names[j] for j in range(X.shape[1]) if j not in set(keep)]
@@ -667,14 +673,19 @@ def re_column_scale(Z: np.ndarray) -> np.ndarray:
     ordinary scales, and intercepts, are left as they are. ``theta``, the conditional modes and
     their variances are mapped back to the user's units for reporting.
     """
-    # einsum rather than np.mean(Z**2, axis=0): ~3 us where mean's dispatch costs ~7.
-    rms = np.sqrt(np.einsum("ij,ij->j", Z, Z) / max(Z.shape[0], 1))
-    return np.where((rms > 0) & ((rms < 0.1) | (rms > 10.0)), rms, 1.0)
+    # One einsum (np.mean's dispatch costs ~7 us), then Python over the q columns: the six
+    # array calls of the comparisons took ~1 us each on a small design.
+    n = max(Z.shape[0], 1)
+    scale = []
+    for square in np.einsum("ij,ij->j", Z, Z).tolist():
+        rms = math.sqrt(square / n)
+        scale.append(rms if 0.0 < rms and (rms < 0.1 or rms > 10.0) else 1.0)
+    return np.array(scale)
 
 
 def _scaled(Z: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``Z / scale``, without a copy in the usual case of nothing to scale."""
-    return Z if (scale == 1.0).all() else Z / scale
+    return Z if all(s == 1.0 for s in scale.tolist()) else Z / scale
 
 
 def _check_weights(w: np.ndarray) -> None:
@@ -725,7 +736,7 @@ class _ModelFrame:
         arrays = (self.ymean, self.trials, self.X, self.offset, *(f.Z for f in self.factors))
         # a.sum(), not np.sum(a): the function's dispatch costs ~1 us a call here.
         with np.errstate(over="ignore", invalid="ignore"):
-            return bool(np.isfinite(sum(float(a.sum()) for a in arrays)))
+            return math.isfinite(sum(float(a.sum()) for a in arrays))
 
     def nan_rows(self) -> np.ndarray:
         """Rows where an evaluated value is NaN (an expression of complete columns)."""
