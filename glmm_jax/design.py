@@ -58,12 +58,14 @@ def rest_bucket(levels: int) -> int:
 
 
 class _Columns:
-    """A DataFrame whose columns are each read once.
+    """A DataFrame whose columns the design reads as arrays, each once.
 
-    pandas 3 builds a new Series on every ``df[name]`` (~5 us), and a design reads each
-    column several times (missing values, dtype, values): on sleepstudy nine reads for three
-    columns. Offers what the design's readers use: ``[name]``, ``columns``, ``len``, ``index``;
-    formulaic gets the frame itself (:func:`_frame_of`).
+    pandas 3 builds a new Series on every ``df[name]`` (~6 us), where the design needs only
+    the values: :meth:`values` gives them as pandas stores them, through
+    ``DataFrame._get_column_array`` (~0.4 us; a long-standing internal method, with
+    ``df.iloc[:, i]`` as the fallback should it go). Offers what the design's readers use:
+    ``values(name)``, ``columns``, ``len``, ``index``; formulaic gets the frame itself
+    (:func:`_frame_of`).
     """
 
     def __init__(self, frame: pd.DataFrame):
@@ -72,14 +74,39 @@ class _Columns:
         self.index = frame.index
         self._read: dict = {}
 
-    def __getitem__(self, name) -> pd.Series:
-        column = self._read.get(name)
-        if column is None:
-            column = self._read[name] = self.frame[name]
-        return column
+    def values(self, name):
+        """Column ``name``'s values: a read-only numpy array for numpy dtypes (a view of the
+        frame's data), pandas' ExtensionArray (Categorical, string, nullable) otherwise."""
+        values = self._read.get(name)
+        if values is None:
+            values = self._read[name] = _column_values(self.frame, name)
+        return values
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+def _column_values(frame: pd.DataFrame, name):
+    """:meth:`_Columns.values` of a DataFrame."""
+    loc = frame.columns.get_loc(name)
+    if not isinstance(loc, int):
+        raise DataError(f"column {name!r} appears more than once in data")
+    get = getattr(frame, "_get_column_array", None)
+    if get is not None:
+        values = get(loc)
+    else:
+        column = frame.iloc[:, loc]
+        values = column.to_numpy() if isinstance(column.dtype, np.dtype) else column.array
+    if isinstance(values, np.ndarray):
+        # The design only reads; a read-only view makes sure of it for the user's data.
+        values = values.view()
+        values.flags.writeable = False
+    return values
+
+
+def _read_column(data, name):
+    """Column ``name``'s values from a :class:`_Columns` or a DataFrame (prediction's)."""
+    return data.values(name) if isinstance(data, _Columns) else _column_values(data, name)
 
 
 def _frame_of(data) -> pd.DataFrame:
@@ -111,8 +138,9 @@ def _required_variables(spec: FormulaSpec) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _numeric_or_refuse(col: pd.Series, what: str, expr: str) -> np.ndarray:
-    """``col`` as floats, or a :class:`DataError` naming ``what`` if it is not numeric.
+def _numeric_or_refuse(col, what: str, expr: str) -> np.ndarray:
+    """``col`` (a column's values, or a Series) as floats, or a :class:`DataError` naming
+    ``what`` if it is not numeric.
 
     Strings are refused rather than parsed ("1" and "yes" alike), and so are categoricals:
     R's model frame does the same for a numeric role.
@@ -120,7 +148,7 @@ def _numeric_or_refuse(col: pd.Series, what: str, expr: str) -> np.ndarray:
     dtype = col.dtype
     if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
         # Plain numpy numbers: pandas' dtype tests below cost ~7 us each.
-        return col.to_numpy(dtype=float)
+        return np.asarray(col, dtype=float)
     if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)) or (
         isinstance(dtype, pd.CategoricalDtype)
     ):
@@ -132,7 +160,7 @@ def _evaluate(expr: str, data: pd.DataFrame, what: str) -> np.ndarray:
     """A numeric vector from a column name or an expression on the columns."""
     name = expr[1:-1] if expr.startswith("`") and expr.endswith("`") else expr
     if name in data.columns:
-        return _numeric_or_refuse(data[name], what, expr)
+        return _numeric_or_refuse(_read_column(data, name), what, expr)
     try:
         with np.errstate(all="ignore"):  # log(0), 1/0: non-finite values are reported below
             mm = formulaic.model_matrix(f"0 + I({expr})", _frame_of(data), na_action="ignore")
@@ -151,9 +179,9 @@ def _factor_codes(data: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarra
     """
     cats = []
     for col in group:
-        s = data[col]
+        s = _read_column(data, col)
         if isinstance(s.dtype, pd.CategoricalDtype):
-            c = s.array
+            c = s
             # Dropping unused levels copies; skip it when every level occurs (the usual case).
             # The rows are complete here (no code -1), so the codes count as they are.
             if not np.bincount(c.codes, minlength=len(c.categories)).all():
@@ -306,7 +334,7 @@ class NumericColumns:
         if self.intercept:
             values[:, 0] = 1.0
         for j, c in enumerate(self.columns, start=int(self.intercept)):
-            values[:, j] = data[c].to_numpy(dtype=float)
+            values[:, j] = np.asarray(_read_column(data, c), dtype=float)
         return values
 
     def get_model_matrix(self, data: pd.DataFrame, na_action=None) -> pd.DataFrame:
@@ -322,7 +350,7 @@ class NumericColumns:
         for c in columns:
             if not c.isidentifier() or c not in data.columns:
                 return None
-            dtype = data[c].dtype
+            dtype = _read_column(data, c).dtype
             if isinstance(dtype, np.dtype) and dtype.kind in "iuf":
                 continue  # plain numeric: pandas' dtype tests below take ~7 us each
             if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
@@ -423,17 +451,17 @@ def _response(spec: FormulaSpec, family: Family, data: pd.DataFrame, weights):
         return s, trials, w, ymean
     expr = r.exprs[0]
     name = expr[1:-1] if expr.startswith("`") and expr.endswith("`") else expr
-    col = data[name] if name in data.columns else None
+    col = _read_column(data, name) if name in data.columns else None
     if isinstance(family, Binomial) and col is not None:
         if isinstance(col.dtype, pd.CategoricalDtype):
             # A two-level factor response: the first level is failure, as in R.
-            levels = col.array.remove_unused_categories().categories
+            levels = col.remove_unused_categories().categories
             if len(levels) != 2:
                 raise DataError(
                     f"binomial response {name!r} must be 0/1, proportions, or a two-level "
                     f"factor; it has {len(levels)} levels"
                 )
-            col = pd.Series(col.to_numpy() == levels[1], index=col.index)
+            col = np.asarray(col) == levels[1]
         elif not (pd.api.types.is_numeric_dtype(col.dtype) or col.dtype == bool):
             raise DataError(
                 f"binomial response {name!r} must be numeric (0/1 or proportions), boolean, "
@@ -777,22 +805,22 @@ def _model_frame(spec: FormulaSpec, family: Family, df: pd.DataFrame, w, off_vec
 SMALL_ROWS = 4096
 
 
-def _present(column: pd.Series) -> np.ndarray | None:
-    """Whether each row of ``column`` has a value, or ``None`` when every row has one: from
-    the values of plain numeric columns (their sum is NaN only if one is) and the codes of
-    categorical ones (pandas' ``notna`` on sleepstudy's three columns took ~80 us of a 400 us
-    design), by pandas' own test for every other dtype (nullable, object, datetime)."""
-    dtype = column.dtype
+def _present(values) -> np.ndarray | None:
+    """Whether each row of a column (its :meth:`_Columns.values`) has a value, or ``None``
+    when every row has one: from the values of plain numeric columns (their sum is NaN only
+    if one is) and the codes of categorical ones (pandas' ``notna`` on sleepstudy's three
+    columns took ~80 us of a 400 us design), by pandas' own test for every other dtype
+    (nullable, object, datetime)."""
+    dtype = values.dtype
     if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
         if dtype.kind != "f":
             return None
-        values = column.to_numpy()
         total = values.sum()
         return None if total == total else ~np.isnan(values)
     if isinstance(dtype, pd.CategoricalDtype):
-        codes = column.array.codes
+        codes = values.codes
         return None if codes.min(initial=0) >= 0 else codes >= 0
-    present = column.notna().to_numpy()
+    present = ~pd.isna(values)
     return None if present.all() else present
 
 
@@ -841,7 +869,7 @@ def build_design(
     # The rows to keep; None while that is all of them (the usual case: no mask to combine).
     complete = None
     for col in used:
-        present = _present(columns[col])
+        present = _present(columns.values(col))
         if present is not None:
             complete = present if complete is None else complete & present
     if off_all is not None and np.isnan(off_all).any():

@@ -185,14 +185,36 @@ def test_missing_values_drop_rows_with_a_count(exam, column, formula):
 def test_missing_values_are_found_in_every_column_dtype(values, dtype):
     """The design's fast test for missing values (numeric values, categorical codes) agrees
     with pandas' notna on every dtype a column can have (``None``: every row has a value)."""
-    from glmm_jax.design import _present
+    from glmm_jax.design import _Columns, _present
 
     column = pd.Series(values, dtype=dtype)
-    present = _present(column)
+    present = _present(_Columns(pd.DataFrame({"x": column})).values("x"))
     expected = column.notna().to_numpy()
     # None only when nothing is missing; a mask may come back all True (the inf case).
     assert present is not None or expected.all()
     np.testing.assert_array_equal(expected if present is None else present, expected)
+
+
+@pytest.mark.parametrize("internal", [True, False])
+def test_column_values_are_read_only_views_and_duplicates_are_refused(monkeypatch, internal):
+    """The design reads columns as arrays (pandas' internal getter, or the public fallback
+    when it is missing): same values, read-only for numpy dtypes, the Categorical as it is;
+    a column name that appears twice is a clear error."""
+    from glmm_jax import design
+
+    df = pd.DataFrame({"y": [1.0, 2.0, 3.0], "n": [1, 2, 3], "g": pd.Categorical(list("aba"))})
+    if not internal:
+        monkeypatch.delattr(pd.DataFrame, "_get_column_array", raising=False)
+    columns = design._Columns(df)
+    y, n, g = columns.values("y"), columns.values("n"), columns.values("g")
+    np.testing.assert_array_equal(y, df["y"].to_numpy())
+    np.testing.assert_array_equal(n, df["n"].to_numpy())
+    assert isinstance(g, pd.Categorical) and list(g) == ["a", "b", "a"]
+    assert not y.flags.writeable and not n.flags.writeable
+    assert columns.values("y") is y  # read once
+    twice = pd.concat([df, df[["y"]]], axis=1)
+    with pytest.raises(gj.DataError, match="'y' appears more than once"):
+        design._Columns(twice).values("y")
 
 
 def test_rows_an_expression_makes_nan_are_dropped(exam):
