@@ -57,6 +57,11 @@ def rest_bucket(levels: int) -> int:
     return bucket(levels, 16) if levels <= 512 else -(-levels // 64) * 64
 
 
+#: Designs of at most this many rows are permuted into their padded arrays without first
+#: testing for constant columns (the test costs more than the permutation there).
+SMALL_ROWS = 4096
+
+
 class _Columns:
     """A DataFrame whose columns the design reads as arrays, each once.
 
@@ -800,11 +805,6 @@ def _model_frame(spec: FormulaSpec, family: Family, df: pd.DataFrame, w, off_vec
     )
 
 
-#: Designs of at most this many rows are permuted into their padded arrays without first
-#: testing for constant columns (the test costs more than the permutation there).
-SMALL_ROWS = 4096
-
-
 def _present(values) -> np.ndarray | None:
     """Whether each row of a column (its :meth:`_Columns.values`) has a value, or ``None``
     when every row has one: from the values of plain numeric columns (their sum is NaN only
@@ -815,7 +815,8 @@ def _present(values) -> np.ndarray | None:
     if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
         if dtype.kind != "f":
             return None
-        total = values.sum()
+        with np.errstate(over="ignore", invalid="ignore"):  # inf - inf: the mask decides
+            total = values.sum()
         return None if total == total else ~np.isnan(values)
     if isinstance(dtype, pd.CategoricalDtype):
         codes = values.codes
@@ -923,7 +924,6 @@ def build_design(
     order = np.argsort(first.codes.astype(narrow), kind="stable")
     n_pad, G_pad = bucket(n, 64), bucket(G, 16)
 
-    # Below this many rows a permutation costs less than the test that would skip it.
     small = n <= SMALL_ROWS
 
     def pad(a, fill=0.0):
@@ -934,10 +934,10 @@ def build_design(
             # Fancy indexing: ~0.4 us on sleepstudy, where np.take's dispatch and the constant
             # test below cost ~2 us each (seven arrays a design).
             out[:n] = a[order]
-        # (a == a.flat[0]).all(), not np.all(...): the function's dispatch costs ~2 us a call.
         elif a.size and (a == a.flat[0]).all():
             # A constant (unit weights and trials, no offset, a random intercept's ones): no
-            # permutation needed, which saves ~15 ms per array at 10^6 rows.
+            # permutation needed, which saves ~15 ms per array at 10^6 rows. (The array
+            # method, not np.all: the function's dispatch costs ~2 us a call.)
             out[:n] = a.flat[0]
         else:
             # take into place: 14 ms for a (10^6, 2) matrix, where a[order] takes 74 ms.

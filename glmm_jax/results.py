@@ -154,7 +154,7 @@ class GLMMResult:
         k = self._dispersion_slots()
         #: The dispersion (``sigma^2`` of a gaussian, ``1 / shape`` of a Gamma); 1 for the
         #: binomial and Poisson.
-        self.dispersion = math.exp(x[p]) if k else 1.0
+        self.dispersion = float(np.exp(x[p])) if k else 1.0
         if self.family.size_in_trials:
             #: The negative binomial's size (lme4's ``glmer.nb`` theta).
             self.nb_size = self.dispersion
@@ -166,14 +166,15 @@ class GLMMResult:
         self.bic = self.deviance + self.df * math.log(self.nobs)
         self.df_resid = self.nobs - self.df
 
-        # A diagonal theta entry below singular_tol on the fit's scale (where every
-        # random-effect column has unit size): exp(phi) < tol, or dropped by the boundary stage
-        # (mask 0). In Python over the few entries: numpy's calls on tiny arrays cost ~1-2 us
-        # each here. What the fit's warnings do not need is worked out on first use: theta,
-        # fit_info, fixef, vcov.
-        log_tol = math.log(control.singular_tol)
+        # A diagonal theta entry, exp(phi) times its mask (0 where the boundary stage dropped
+        # it), below singular_tol on the fit's scale (where every random-effect column has
+        # unit size). In Python over the few entries: numpy's calls on tiny arrays cost ~1-2
+        # us each here. What the fit's warnings do not need is worked out on first use:
+        # theta, fit_info, fixef, vcov.
+        tol = control.singular_tol
+        log_tol = math.log(tol) if tol > 0 else -math.inf
         self.singular = any(
-            m <= 0.0 or v < log_tol
+            (0.0 < tol) if m <= 0.0 else (v < log_tol)
             for v, m, d in zip(
                 x[p + k :].tolist(), out.mask.tolist(), structure.diagonal.tolist(), strict=True
             )
