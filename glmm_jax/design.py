@@ -94,7 +94,7 @@ class _Columns:
 def _column_values(frame: pd.DataFrame, name):
     """:meth:`_Columns.values` of a DataFrame."""
     loc = frame.columns.get_loc(name)
-    if not isinstance(loc, int):
+    if not isinstance(loc, (int, np.integer)):  # a slice or mask: the name is not unique
         raise DataError(f"column {name!r} appears more than once in data")
     get = getattr(frame, "_get_column_array", None)
     if get is not None:
