@@ -43,8 +43,7 @@ class precision:
     __slots__ = ("_x64",)
 
     def __enter__(self) -> None:
-        if not _CACHE_STATE["configured"]:
-            enable_compilation_cache()
+        enable_compilation_cache()  # returns at once after the first time
         self._x64 = jax.enable_x64(True)
         self._x64.__enter__()
 

@@ -13,14 +13,13 @@ caller cuts numpy views of it.
 
 Both layouts (tree structures, shapes, dtypes) are kept per call signature (static arguments,
 input tree, shapes and dtypes): the input's is found before the call and passed to the program
-as a static number, so jit compiles one program per signature as before; the output's is
+as a static argument, so jit compiles one program per signature as before; the output's is
 recorded by the traced function itself. Should an output layout ever be missing, the caller
 runs the plain program instead.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 
@@ -34,8 +33,8 @@ __all__ = ["FlatJit"]
 def _pieces(leaves, flat_dtype) -> tuple:
     """For each leaf: its slice of the flat array, the shape to give it (``None``: the slice
     has it, a vector) and the dtype to cast it to (``None``: the flat array's). Worked out
-    once per signature, so that a call only slices: ~0.3 us a leaf, where finding sizes and
-    casting every leaf cost ~1 us."""
+    once per signature, so that a call only slices (:func:`_cut`): ~0.3 us a leaf, where
+    finding sizes and casting every leaf cost ~1 us."""
     pieces, start = [], 0
     for leaf in leaves:
         shape, size = tuple(leaf.shape), math.prod(leaf.shape)
@@ -51,37 +50,47 @@ def _pieces(leaves, flat_dtype) -> tuple:
     return tuple(pieces)
 
 
+def _cut(flat, pieces) -> list:
+    """The leaves that :func:`_pieces` describes, cut out of ``flat`` (numpy or traced)."""
+    leaves = []
+    for where, shape, cast in pieces:
+        leaf = flat[where] if shape is None else flat[where].reshape(shape)
+        leaves.append(leaf if cast is None else leaf.astype(cast))
+    return leaves
+
+
 class _InputLayout:
     """How a signature's input leaves are packed: one flat array per dtype (in order of first
-    appearance), and for each leaf which array and which slice of it."""
+    appearance), each the concatenation of its leaves (:func:`_pieces` of that group). The
+    object itself is the program's static argument (hashed by identity: one per signature)."""
 
     def __init__(self, leaves, treedef):
         self.treedef = treedef
-        self.dtypes = tuple(dict.fromkeys(np.dtype(leaf.dtype) for leaf in leaves))
+        dtypes = tuple(dict.fromkeys(np.dtype(leaf.dtype) for leaf in leaves))
         self.groups = tuple(
-            [i for i, leaf in enumerate(leaves) if np.dtype(leaf.dtype) == dt] for dt in self.dtypes
+            [i for i, leaf in enumerate(leaves) if np.dtype(leaf.dtype) == dt] for dt in dtypes
         )
-        self.where: list = [None] * len(leaves)
-        for k, group in enumerate(self.groups):
-            start = 0
-            for i in group:
-                shape = tuple(leaves[i].shape)
-                self.where[i] = (k, slice(start, start + math.prod(shape)), shape)
-                start += math.prod(shape)
+        self.pieces = tuple(
+            _pieces([leaves[i] for i in group], dt)
+            for group, dt in zip(self.groups, dtypes, strict=True)
+        )
 
     def pack(self, leaves) -> list[np.ndarray]:
-        """One numpy array per dtype (``np.concatenate`` of the raveled leaves)."""
+        """One numpy array per dtype: the leaves raveled and concatenated (a lone leaf
+        raveled only, a view)."""
         return [
             np.concatenate([leaves[i].reshape(-1) for i in group])
             if len(group) > 1
-            # np.ravel of a contiguous array is a view: no copy for a lone leaf.
-            else np.ravel(leaves[group[0]])
+            else leaves[group[0]].reshape(-1)
             for group in self.groups
         ]
 
     def unpack(self, flats):
         """The input PyTree cut out of the flat arrays (inside the traced program)."""
-        leaves = [flats[k][where].reshape(shape) for k, where, shape in self.where]
+        leaves = [None] * sum(len(group) for group in self.groups)
+        for group, flat, pieces in zip(self.groups, flats, self.pieces, strict=True):
+            for i, leaf in zip(group, _cut(flat, pieces), strict=True):
+                leaves[i] = leaf
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
@@ -102,48 +111,41 @@ class FlatJit:
 
     def __init__(self, fn: Callable, static_argnames: tuple[str, ...], float_dtype: Callable):
         self.plain = jax.jit(fn, static_argnames=static_argnames)
-        # signature -> (number, input layout); number -> output layout (treedef, pieces).
+        # signature -> its input layout; input layout -> the output's (treedef, pieces).
         self._inputs: dict = {}
         self._layouts: dict = {}
-        self._numbers = itertools.count()
 
-        def flat(*flats, layout: int, **static):
-            args = self._input_layouts[layout].unpack(flats)
+        def flat(*flats, layout: _InputLayout, **static):
+            args = layout.unpack(flats)
             out = fn(*args, **static)
             leaves, treedef = jax.tree_util.tree_flatten(out)
             dtype = np.dtype(float_dtype(*args))
             self._layouts[layout] = (treedef, _pieces(leaves, dtype))
             return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
 
-        self._input_layouts: dict = {}
         self._flat = jax.jit(flat, static_argnames=("layout", *static_argnames))
 
-    def _input(self, args: tuple, static: dict) -> tuple[int, _InputLayout, list]:
+    def _input(self, args: tuple, static: dict) -> tuple[_InputLayout, list]:
         leaves, treedef = jax.tree_util.tree_flatten(args)
         key = (
             treedef,
             tuple((leaf.shape, leaf.dtype) for leaf in leaves),
             tuple(sorted(static.items())),
         )
-        entry = self._inputs.get(key)
-        if entry is None:
-            entry = self._inputs[key] = (next(self._numbers), _InputLayout(leaves, treedef))
-            self._input_layouts[entry[0]] = entry[1]
-        return entry[0], entry[1], leaves
+        layout = self._inputs.get(key)
+        if layout is None:
+            layout = self._inputs[key] = _InputLayout(leaves, treedef)
+        return layout, leaves
 
     def __call__(self, *args, **static):
         """``fn(*args, **static)`` with its leaves as numpy arrays (the call waits for them)."""
-        number, layout, leaves = self._input(args, static)
-        flat = np.asarray(self._flat(*layout.pack(leaves), layout=number, **static))
-        output = self._layouts.get(number)
+        layout, leaves = self._input(args, static)
+        flat = np.asarray(self._flat(*layout.pack(leaves), layout=layout, **static))
+        output = self._layouts.get(layout)
         if output is None:
             return jax.tree_util.tree_map(np.asarray, self.plain(*args, **static))
         treedef, pieces = output
-        leaves = []
-        for where, shape, cast in pieces:
-            leaf = flat[where] if shape is None else flat[where].reshape(shape)
-            leaves.append(leaf if cast is None else leaf.astype(cast))
-        return jax.tree_util.tree_unflatten(treedef, leaves)
+        return jax.tree_util.tree_unflatten(treedef, _cut(flat, pieces))
 
     def cache_size(self) -> int:
         """Programs compiled for the flat call (one per signature)."""
